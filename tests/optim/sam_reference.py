@@ -51,13 +51,13 @@ def sam_gradient(
     w = [t.detach().clone().requires_grad_(True) for t in weights]
     g = flat(torch.autograd.grad(loss_of(w), w))
     w_flat = flat([t.detach() for t in w])
-    per_element = lambda values: flat([torch.full_like(t, float(v)) for t, v in zip(w, values)])  # noqa: E731
+    per_element = lambda values: flat([torch.full_like(t, float(v)) for t, v in zip(w, values, strict=True)])  # noqa: E731
     if weight_decay is not None:
         g = g + per_element(weight_decay) * w_flat
     t_w = torch.ones_like(w_flat)
     if adaptive is not None:
         t_w = torch.where(per_element(adaptive) > 0, w_flat.abs() + eta, t_w)
     eps = t_w * lp_perturbation(t_w * g, per_element(rho), p)
-    w_pert = [(t.detach() + e).requires_grad_(True) for t, e in zip(w, unflat(eps, w))]
+    w_pert = [(t.detach() + e).requires_grad_(True) for t, e in zip(w, unflat(eps, w), strict=True)]
     g_sam = torch.autograd.grad(loss_of(w_pert), w_pert)
     return unflat(eps, w), list(g_sam)

@@ -54,14 +54,14 @@ def test_gradient_accumulation_matches_one_large_batch() -> None:
         opt_big.step(closure)
 
         def accumulate() -> None:
-            for xs, ys in zip(x.chunk(4), y.chunk(4)):
+            for xs, ys in zip(x.chunk(4), y.chunk(4), strict=True):
                 (_loss(accumulated, xs, ys) / 4).backward()
 
         accumulate()
         opt_acc.first_step(zero_grad=True)
         accumulate()
         opt_acc.second_step(zero_grad=True)
-    for a, b in zip(big.parameters(), accumulated.parameters()):
+    for a, b in zip(big.parameters(), accumulated.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
 
 
@@ -97,12 +97,12 @@ def test_grad_scaler_inf_first_gradient_skips_the_whole_step() -> None:
     grads = [p.grad.clone() for p in model.parameters()]
     assert not opt.first_step(zero_grad=True, scaler=scaler)
     assert not opt.is_perturbed
-    for p, b, g in zip(model.parameters(), before, grads):
+    for p, b, g in zip(model.parameters(), before, grads, strict=True):
         assert torch.equal(p.detach(), b)
         torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)  # gradients untouched too
     opt.second_step(zero_grad=True, scaler=scaler)
     scaler.update()
-    for p, b in zip(model.parameters(), before):
+    for p, b in zip(model.parameters(), before, strict=True):
         assert torch.equal(p.detach(), b)
     assert not opt.base_optimizer.state  # no momentum buffer: the base optimizer never stepped
     assert scaler.get_scale() == 2.0**126  # the scaler saw the overflow and backed off
@@ -123,7 +123,7 @@ def test_non_finite_gradient_without_scaler_skips_the_step() -> None:
 
     loss = opt.step(closure)
     assert torch.isnan(loss)
-    for p, b in zip(model.parameters(), before):
+    for p, b in zip(model.parameters(), before, strict=True):
         assert torch.equal(p.detach(), b)
     assert not opt.base_optimizer.state
 
@@ -131,10 +131,24 @@ def test_non_finite_gradient_without_scaler_skips_the_step() -> None:
 def test_grad_scaler_path_equals_unscaled_sam() -> None:
     """A power-of-two loss scale is exact, so the scaled path must give the unscaled SAM trajectory."""
     scaled, plain = _mlp(), _mlp()
-    opt_s = SAM(scaled.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, weight_decay=1e-2,
-                include_weight_decay=True)
-    opt_p = SAM(plain.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, weight_decay=1e-2,
-                include_weight_decay=True)
+    opt_s = SAM(
+        scaled.parameters(),
+        torch.optim.SGD,
+        rho=0.1,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-2,
+        include_weight_decay=True,
+    )
+    opt_p = SAM(
+        plain.parameters(),
+        torch.optim.SGD,
+        rho=0.1,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-2,
+        include_weight_decay=True,
+    )
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
     for step in range(4):
         x, y = _data(seed=step)
@@ -146,7 +160,7 @@ def test_grad_scaler_path_equals_unscaled_sam() -> None:
             return loss
 
         opt_p.step(closure)
-    for a, b in zip(scaled.parameters(), plain.parameters()):
+    for a, b in zip(scaled.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -173,10 +187,10 @@ def test_clipping_the_first_gradient_does_not_change_the_l2_perturbation(max_nor
     before = [p.detach().clone() for p in model.parameters()]
     _loss(model, x, y).backward()
     opt.first_step()
-    unclipped = [p.detach() - b for p, b in zip(model.parameters(), before)]
+    unclipped = [p.detach() - b for p, b in zip(model.parameters(), before, strict=True)]
     opt.restore()
     nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     opt.first_step()
-    for p, b, e in zip(model.parameters(), before, unclipped):
+    for p, b, e in zip(model.parameters(), before, unclipped, strict=True):
         torch.testing.assert_close(p.detach() - b, e, rtol=1e-10, atol=1e-14)
     opt.restore()

@@ -70,7 +70,7 @@ def test_closure_returning_none() -> None:
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(TypeError, match="closure returned None in its first"):
         opt.step(lambda: _backward(model))
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
 def test_closure_returning_none_in_second_call_restores() -> None:
@@ -87,7 +87,7 @@ def test_closure_returning_none_in_second_call_restores() -> None:
     with pytest.raises(TypeError, match="second"):
         opt.step(closure)
     assert not opt.is_perturbed
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
 def test_closure_without_backward() -> None:
@@ -136,10 +136,10 @@ def test_parameters_without_gradients_are_left_alone() -> None:
         _backward(m)
         o.first_step()
         assert all(p.grad is None for p in unused.parameters())
-        assert all(torch.equal(p, b) for p, b in zip(unused.parameters(), unused_before))
+        assert all(torch.equal(p, b) for p, b in zip(unused.parameters(), unused_before, strict=True))
         o.second_step()
-    assert all(torch.equal(p, b) for p, b in zip(unused.parameters(), unused_before))
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), alone.parameters()))
+    assert all(torch.equal(p, b) for p, b in zip(unused.parameters(), unused_before, strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), alone.parameters(), strict=True))
 
 
 def test_parameters_on_several_devices_are_rejected() -> None:
@@ -163,9 +163,9 @@ def test_zero_gradient_means_no_perturbation_and_no_nan(p: float, adaptive: bool
         q.grad = torch.zeros_like(q)
     assert opt.first_step()
     assert opt.last_grad_norm == 0.0
-    assert all(torch.equal(q, b) for q, b in zip(model.parameters(), before))
+    assert all(torch.equal(q, b) for q, b in zip(model.parameters(), before, strict=True))
     opt.second_step()
-    assert all(torch.isfinite(q).all() and torch.equal(q, b) for q, b in zip(model.parameters(), before))
+    assert all(torch.isfinite(q).all() and torch.equal(q, b) for q, b in zip(model.parameters(), before, strict=True))
 
 
 def test_base_optimizer_arguments() -> None:

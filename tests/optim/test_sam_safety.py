@@ -33,7 +33,7 @@ def _weights(model: nn.Module) -> list[torch.Tensor]:
 
 
 def _assert_bitwise(model: nn.Module, expected: list[torch.Tensor]) -> None:
-    for p, e in zip(model.parameters(), expected):
+    for p, e in zip(model.parameters(), expected, strict=True):
         assert torch.equal(p.detach(), e)
 
 
@@ -51,15 +51,15 @@ def test_restore_is_bitwise_exact(dtype: torch.dtype, p: float) -> None:
     assert opt.first_step(zero_grad=True)
     assert opt.is_perturbed
     moved = [p.detach().clone() for p in model.parameters()]
-    assert any(not torch.equal(a, b) for a, b in zip(moved, before))
+    assert any(not torch.equal(a, b) for a, b in zip(moved, before, strict=True))
     _backward(model, x, y)
     opt.restore()
     assert not opt.is_perturbed
     _assert_bitwise(model, before)
     if dtype == torch.bfloat16:
         # Undoing by subtraction would not be exact here, so the test above can tell copy from subtraction.
-        eps = [m - b for m, b in zip(moved, before)]
-        assert any(not torch.equal(m - e, b) for m, e, b in zip(moved, eps, before))
+        eps = [m - b for m, b in zip(moved, before, strict=True)]
+        assert any(not torch.equal(m - e, b) for m, e, b in zip(moved, eps, before, strict=True))
 
 
 def test_second_step_is_base_step_from_the_exact_original_weights() -> None:
@@ -71,7 +71,7 @@ def test_second_step_is_base_step_from_the_exact_original_weights() -> None:
     _backward(model, x, y)
     opt.first_step(zero_grad=True)
     _backward(model, x, y)
-    for q, p in zip(clone.parameters(), model.parameters()):
+    for q, p in zip(clone.parameters(), model.parameters(), strict=True):
         q.grad = p.grad.clone()
     opt.second_step()
     base.step()
@@ -239,7 +239,10 @@ def test_state_dict_holds_base_state_and_per_group_rho() -> None:
     assert all("momentum_buffer" in s for s in state["base_optimizer"]["state"].values())
 
     other = SAM(_mlp().parameters(), torch.optim.SGD, rho=0.9, lr=0.5, momentum=0.9)
-    other_groups = [{"params": list(other.param_groups[0]["params"][:2])}, {"params": other.param_groups[0]["params"][2:]}]
+    other_groups = [
+        {"params": list(other.param_groups[0]["params"][:2])},
+        {"params": other.param_groups[0]["params"][2:]},
+    ]
     other = SAM(other_groups, torch.optim.SGD, rho=0.9, lr=0.5, momentum=0.9)
     other.load_state_dict(state)
     assert [g["rho"] for g in other.param_groups] == [0.3, 0.05]
@@ -265,3 +268,32 @@ def test_schedulers_work_on_either_object_and_see_no_spurious_warning() -> None:
         on_sam.step()
         on_base.step()
     assert opt.param_groups[0]["lr"] == opt.base_optimizer.param_groups[0]["lr"] == 0.25
+
+
+def test_deepcopy_gives_a_working_independent_optimizer() -> None:
+    import copy
+
+    model = _mlp()
+    x, y = _data()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, model=model)
+    opt.step(lambda: _backward(model, x, y))
+    model_copy, opt_copy = copy.deepcopy((model, opt))
+    assert opt_copy.param_groups is opt_copy.base_optimizer.param_groups
+    assert opt_copy.param_groups[0]["params"][0] is next(model_copy.parameters())
+    opt.step(lambda: _backward(model, x, y))
+    opt_copy.step(lambda: _backward(model_copy, x, y))
+    _assert_bitwise(model_copy, _weights(model))
+
+
+def test_skipped_step_with_scaler_tolerates_non_contiguous_gradients() -> None:
+    weight = nn.Parameter(torch.ones(4, 3))
+    opt = SAM([weight], torch.optim.SGD, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.tensor(1.0))  # initialises the scale, as scaling the loss would
+    weight.grad = torch.full((3, 4), float("inf")).t()  # a transposed, non-contiguous gradient
+    assert not weight.grad.is_contiguous()
+    assert not opt.first_step(scaler=scaler)
+    opt.second_step(scaler=scaler)
+    scaler.update()
+    assert torch.equal(weight.detach(), torch.ones(4, 3))
+    assert scaler.get_scale() == 2.0**15

@@ -13,7 +13,6 @@ from torch.func import functional_call
 from sharpness import SAM
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     """Everything in float64, so the comparisons can be tight."""
@@ -139,8 +138,8 @@ def test_mlp_matches_autograd_reference(base_name: str, case: str) -> None:
     def groups(m: nn.Module) -> list[dict]:
         params = list(m.parameters())
         return [
-            {"params": [q for q, r in zip(params, rhos) if r == 0.05], "rho": 0.05},
-            {"params": [q for q, r in zip(params, rhos) if r == 0.2], "rho": 0.2},
+            {"params": [q for q, r in zip(params, rhos, strict=True) if r == 0.05], "rho": 0.05},
+            {"params": [q for q, r in zip(params, rhos, strict=True) if r == 0.2], "rho": 0.2},
         ]
 
     opt = SAM(groups(model), base_cls, **options, **base_kwargs)
@@ -153,7 +152,7 @@ def test_mlp_matches_autograd_reference(base_name: str, case: str) -> None:
     ref_names = [name_of[id(q)] for q in ref_order]
 
     def loss_of(weights: list[torch.Tensor]) -> torch.Tensor:
-        by_name = dict(zip(ref_names, weights))
+        by_name = dict(zip(ref_names, weights, strict=True))
         return nn.functional.cross_entropy(functional_call(ref_model, by_name, (x,)), y)
 
     adaptive = None
@@ -164,10 +163,10 @@ def test_mlp_matches_autograd_reference(base_name: str, case: str) -> None:
     for _ in range(3):
         opt.step(lambda: _loss_backward(model, x, y))
         _, g_sam = sam_gradient(loss_of, ref_order, ref_rho, options.get("p", 2.0), adaptive, 0.01, weight_decay)
-        for q, g in zip(ref_order, g_sam):
+        for q, g in zip(ref_order, g_sam, strict=True):
             q.grad = g
         ref_base.step()
-        for (name, q), q_ref in zip(model.named_parameters(), ref_model.parameters()):
+        for (name, q), q_ref in zip(model.named_parameters(), ref_model.parameters(), strict=True):
             torch.testing.assert_close(q.detach(), q_ref.detach(), rtol=1e-10, atol=1e-12, msg=name)
 
 
@@ -196,7 +195,7 @@ def test_two_step_api_equals_closure_api() -> None:
         opt_b.first_step(zero_grad=True)
         _loss_backward(b, x, y)
         opt_b.second_step(zero_grad=True)
-    for qa, qb in zip(a.parameters(), b.parameters()):
+    for qa, qb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(qa, qb)
 
 
@@ -208,7 +207,7 @@ def test_built_base_instance_equals_base_class() -> None:
     for _ in range(3):
         opt_a.step(lambda: _loss_backward(a, x, y))
         opt_b.step(lambda: _loss_backward(b, x, y))
-    for qa, qb in zip(a.parameters(), b.parameters()):
+    for qa, qb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(qa, qb)
 
 
@@ -222,5 +221,5 @@ def test_rho_zero_is_the_base_optimizer() -> None:
         opt_b.zero_grad()
         _loss_backward(b, x, y)
         opt_b.step()
-    for qa, qb in zip(a.parameters(), b.parameters()):
+    for qa, qb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(qa, qb)

@@ -38,8 +38,7 @@ def dual_exponent(p: float) -> float:
 def _global_norm(buckets: Buckets, ord: float) -> float:
     """``||concat(buckets)||_ord`` as a Python float, accumulated in float64 (one host sync)."""
     per_bucket = [
-        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, ord)).double(), ord)
-        for tensors in buckets
+        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, ord)).double(), ord) for tensors in buckets
     ]
     return float(torch.linalg.vector_norm(torch.stack(per_bucket), ord))
 

@@ -154,9 +154,7 @@ class SAM(Optimizer):
                     "already-built optimizer was given; set them on that optimizer instead"
                 )
             if params is not None and _param_ids(params) != _param_ids(base_optimizer.param_groups):
-                raise ValueError(
-                    "SAM: params must be the parameters of the given base optimizer instance (or None)"
-                )
+                raise ValueError("SAM: params must be the parameters of the given base optimizer instance (or None)")
             base = base_optimizer
             super().__init__(base.param_groups, defaults)
         elif callable(base_optimizer):
@@ -165,9 +163,7 @@ class SAM(Optimizer):
             super().__init__(params, defaults)
             base = base_optimizer(self.param_groups, **base_kwargs)
             if not isinstance(base, Optimizer):
-                raise TypeError(
-                    f"SAM: base_optimizer must build a torch.optim.Optimizer, got {type(base).__name__}"
-                )
+                raise TypeError(f"SAM: base_optimizer must build a torch.optim.Optimizer, got {type(base).__name__}")
         else:
             raise TypeError(
                 "SAM: base_optimizer must be an optimizer class such as torch.optim.SGD, or an optimizer "
@@ -267,8 +263,7 @@ class SAM(Optimizer):
         """
         if self._phase == "perturbed":
             raise RuntimeError(
-                "SAM.first_step() called while the weights are already perturbed; call second_step() or "
-                "restore() first"
+                "SAM.first_step() called while the weights are already perturbed; call second_step() or restore() first"
             )
         buckets = self._collect_buckets()
         if not buckets:
@@ -288,7 +283,7 @@ class SAM(Optimizer):
             directions, coefficient = unit_ascent(hs, p, norm)
             snapshots = [self._snapshot_for(bucket) for bucket in buckets]
             try:
-                for bucket, direction in zip(buckets, directions):
+                for bucket, direction in zip(buckets, directions, strict=True):
                     if bucket.scale is not None:
                         direction = torch._foreach_mul(direction, bucket.scale)
                     torch._foreach_add_(bucket.params, direction, alpha=bucket.group["rho"] * coefficient)
@@ -356,13 +351,11 @@ class SAM(Optimizer):
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is not None:
-                    param.grad.view(-1)[0] = math.nan
+                    param.grad[(0,) * param.grad.ndim] = math.nan
                     return
 
     @contextmanager
-    def perturbed(
-        self, zero_grad: bool = True, *, scaler: torch.amp.GradScaler | None = None
-    ) -> Iterator[bool]:
+    def perturbed(self, zero_grad: bool = True, *, scaler: torch.amp.GradScaler | None = None) -> Iterator[bool]:
         """``first_step`` on entry and :meth:`restore` on exit, even if the body raises.
 
         Yields whether the weights were perturbed (``False``: non-finite gradient, skip the second pass).
@@ -437,6 +430,11 @@ class SAM(Optimizer):
                 group.setdefault(key, value)
             _check_group(group)
         self._phase = "idle"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Optimizer.__getstate__ keeps only defaults/state/param_groups; SAM needs its base optimizer too
+        # (for copy.deepcopy and pickling). Shared groups and state stay shared through the copy's memo.
+        return self.__dict__.copy()
 
     def __repr__(self) -> str:
         return f"SAM(base_optimizer={type(self.base_optimizer).__name__}) " + super().__repr__()

@@ -20,11 +20,6 @@ class TensorSnapshot:
         self._copies: list[Tensor] = []
         self._saved = False
 
-    @property
-    def saved(self) -> bool:
-        """Whether a copy is held that :meth:`restore` has not yet written back."""
-        return self._saved
-
     @torch.no_grad()
     def save(self, tensors: list[Tensor]) -> None:
         """Copy ``tensors`` (one device and dtype per call is fastest, but any mix works)."""
