@@ -123,14 +123,15 @@ def build_cnn() -> nn.Module:
     )
 
 
-def build_workloads(seed: int) -> list[Workload]:
-    """Both models with their fixed batches, built deterministically from ``seed``."""
+def build_workloads(seed: int, device: torch.device) -> list[Workload]:
+    """Both models with their fixed batches on ``device``, built deterministically from ``seed``."""
     torch.manual_seed(seed)
-    mlp, cnn = build_mlp(), build_cnn()
+    mlp, cnn = build_mlp().to(device), build_cnn().to(device)
     gen = torch.Generator().manual_seed(seed)
     mlp_x = torch.randn(BATCH, 64, generator=gen)
     cnn_x = torch.randn(BATCH, 3, 32, 32, generator=gen)
-    y = torch.randint(0, CLASSES, (BATCH,), generator=gen)
+    y = torch.randint(0, CLASSES, (BATCH,), generator=gen).to(device)
+    mlp_x, cnn_x = mlp_x.to(device), cnn_x.to(device)
     n_linear = sum(isinstance(m, nn.Linear) for m in mlp.modules())
     return [
         Workload("mlp", f"(a) deep MLP, {n_linear} Linear(<=64, 32) + Tanh", mlp, mlp_x, y, steps=100),
@@ -215,14 +216,22 @@ def sanity_check(workloads: list[Workload]) -> dict[str, float]:
 # ------------------------------------------------------------------ timing
 
 
-def time_block(step: Step, steps: int) -> float:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels (CUDA runs asynchronously), so a block's time covers its own work only."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_block(step: Step, steps: int, device: torch.device) -> float:
     """Seconds per step over ``steps`` consecutive steps, garbage collector paused."""
     gc.collect()
     gc.disable()
     try:
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(steps):
             step()
+        synchronize(device)
         return (time.perf_counter() - start) / steps
     finally:
         gc.enable()
@@ -247,7 +256,7 @@ def bench_workload(work: Workload, steps: int, repeats: int, warmup: int) -> dic
     for repeat in range(repeats):
         shift = repeat % len(CONTENDERS)
         for name in CONTENDERS[shift:] + CONTENDERS[:shift]:
-            raw[name].append(time_block(step_fns[name], steps) * 1e3)
+            raw[name].append(time_block(step_fns[name], steps, work.x.device) * 1e3)
     for name, model in models.items():  # a non-finite gradient would make SAM skip work: timings invalid
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             raise SystemExit(f"{work.name}/{name}: weights became non-finite during timing; lower LR")
@@ -399,6 +408,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch (0)")
     parser.add_argument(
+        "--device",
+        type=torch.device,
+        default=torch.device("cpu"),
+        help="cpu (default; the targets are for CPU) or cuda[:N]: timed blocks are synchronised",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: 3 repeats of 2 steps, 1 warm-up step; JSON to results/sam_step_quick.json",
@@ -410,7 +425,10 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.repeats, args.steps, args.warmup = 3, 2, 1
     if args.json is None:
-        args.json = RESULTS_DIR / ("sam_step_quick.json" if args.quick else "sam_step.json")
+        suffix = "" if args.device.type == "cpu" else f"_{args.device.type}"
+        args.json = RESULTS_DIR / f"sam_step{suffix}{'_quick' if args.quick else ''}.json"
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
     if args.repeats < 1 or (args.steps is not None and args.steps < 1) or args.warmup < 0 or args.threads < 0:
         parser.error("--repeats and --steps must be >= 1, --warmup and --threads >= 0")
     return args
@@ -426,7 +444,10 @@ def main() -> None:
         f"{TORCH_DEFAULT_THREADS}), {machine['cpu_model']} "
         f"({machine['cpu_count']} CPUs), {machine['platform']}"
     )
-    workloads = build_workloads(args.seed)
+    if args.device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(args.device)
+        print(f"device: {machine['gpu']}")
+    workloads = build_workloads(args.seed, args.device)
     sanity = sanity_check(workloads)
     results = {}
     started = time.perf_counter()
@@ -447,6 +468,7 @@ def main() -> None:
                 "warmup": args.warmup,
                 "threads": args.threads,
                 "seed": args.seed,
+                "device": str(args.device),
                 "quick": args.quick,
                 "batch": BATCH,
                 "lr": LR,
