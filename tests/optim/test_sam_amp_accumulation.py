@@ -131,24 +131,9 @@ def test_non_finite_gradient_without_scaler_skips_the_step() -> None:
 def test_grad_scaler_path_equals_unscaled_sam() -> None:
     """A power-of-two loss scale is exact, so the scaled path must give the unscaled SAM trajectory."""
     scaled, plain = _mlp(), _mlp()
-    opt_s = SAM(
-        scaled.parameters(),
-        torch.optim.SGD,
-        rho=0.1,
-        lr=0.1,
-        momentum=0.9,
-        weight_decay=1e-2,
-        include_weight_decay=True,
-    )
-    opt_p = SAM(
-        plain.parameters(),
-        torch.optim.SGD,
-        rho=0.1,
-        lr=0.1,
-        momentum=0.9,
-        weight_decay=1e-2,
-        include_weight_decay=True,
-    )
+    options = dict(rho=0.1, lr=0.1, momentum=0.9, weight_decay=1e-2, include_weight_decay=True)
+    opt_s = SAM(scaled.parameters(), torch.optim.SGD, **options)
+    opt_p = SAM(plain.parameters(), torch.optim.SGD, **options)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
     for step in range(4):
         x, y = _data(seed=step)
