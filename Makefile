@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/mnist1d_sgd_vs_sam.py
+	$(VENV)/bin/sharpness compare
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not cuda"

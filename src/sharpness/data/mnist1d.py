@@ -14,7 +14,12 @@ and NumPy's global random state; :func:`load_mnist1d` saves both states and rest
 loading has no side effect on the caller's random number streams. Generation takes a few seconds; results
 are cached per process, keyed on the arguments.
 
-Install the generator with ``pip install mnist1d`` (it is in this package's ``data`` and ``test`` extras).
+For :func:`sharpness.data.load_dataset` (name ``"mnist1d"``), :func:`load_source` wraps :func:`load_mnist1d`.
+There, the data themselves are fixed by the options ``num_samples`` (5000), ``train_fraction`` (0.8) and
+``data_seed`` (42, the reference seed): ``load_dataset``'s ``seed`` only drives the validation split and the
+label noise, so every run sees the same standard train / test examples.
+
+The generator, the ``mnist1d`` package, is a dependency of ``sharpness``.
 """
 
 from __future__ import annotations
@@ -24,12 +29,15 @@ import math
 import numbers
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Mnist1D", "load_mnist1d"]
+from sharpness.data.source import SourceData, check_int
+
+__all__ = ["Mnist1D", "load_mnist1d", "load_source"]
 
 NUM_CLASSES = 10
 SIGNAL_LENGTH = 40
@@ -125,9 +133,8 @@ def _import_generator():  # -> tuple[make_dataset, get_dataset_args]
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as exc:
         raise ImportError(
-            "load_mnist1d needs the 'mnist1d' package to generate the data: pip install mnist1d "
-            "(or install this package with its 'data' extra: pip install 'sharpness[data]'). "
-            f"Import failed with: {exc}"
+            "load_mnist1d needs the 'mnist1d' package (a dependency of sharpness) to generate the data: "
+            f"pip install mnist1d. Import failed with: {exc}"
         ) from exc
     return make_dataset, get_dataset_args
 
@@ -152,4 +159,37 @@ def _generate(num_samples: int, train_fraction: float, seed: int) -> Mnist1D:
         y_train=torch.as_tensor(np.asarray(data["y"], dtype=np.int64)),
         x_test=torch.as_tensor(np.asarray(data["x_test"], dtype=np.float32)),
         y_test=torch.as_tensor(np.asarray(data["y_test"], dtype=np.int64)),
+    )
+
+
+def load_source(
+    *,
+    seed: int,
+    data_dir: Path | None,
+    augment: bool,
+    num_samples: int = 5000,
+    train_fraction: float = 0.8,
+    data_seed: int = 42,
+) -> SourceData:
+    """MNIST-1D for :func:`sharpness.data.load_dataset`: inputs ``(N, 40)`` float32, 10 classes.
+
+    ``seed``, ``data_dir`` and ``augment`` are unused: the examples are fixed by the options (``data_seed``, not
+    the run's ``seed``), nothing is read from disk, and 1-D signals get no image augmentation.
+    """
+    del seed, data_dir, augment
+    data_seed = check_int("load_dataset('mnist1d')", "data_seed", data_seed, 0)
+    data = load_mnist1d(num_samples=num_samples, train_fraction=train_fraction, seed=data_seed)
+    return SourceData(
+        x_train=data.x_train,
+        y_train=data.y_train,
+        x_test=data.x_test,
+        y_test=data.y_test,
+        num_classes=NUM_CLASSES,
+        info={
+            "source": "MNIST-1D (Greydanus 2020), generated with the mnist1d package",
+            "num_samples": num_samples,
+            "train_fraction": train_fraction,
+            "data_seed": data_seed,
+            "normalisation": "centred and scaled to unit std over all examples by the mnist1d generator",
+        },
     )

@@ -1,0 +1,217 @@
+"""The ``sharpness`` command: ``train`` one run, ``compare`` optimizers over seeds, ``report`` a run folder.
+
+Settings come from, in increasing priority: the defaults, a ``--config file.toml`` (keys as the flags, with
+``-`` or ``_``), and the flags given. Every setting is checked before any data is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sharpness.data import DATASETS
+from sharpness.experiments.compare import RUNS_DIR, compare, format_table, plan_runs, run_label
+from sharpness.experiments.config import ConfigError, RunConfig, build_config, read_toml
+from sharpness.experiments.report import write_report
+from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, run_training
+from sharpness.optim.registry import OPTIMIZERS
+from sharpness.train import CHECKPOINT_NAME, Callback, NonFiniteLossError, Trainer, load_checkpoint
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _run_flags(parser: argparse.ArgumentParser, *, single: bool) -> None:
+    """Flags shared by ``train`` and ``compare``; defaults are suppressed so that only given flags override."""
+    add = parser.add_argument
+    add("--config", type=Path, help="TOML file with any of these settings (flags override it)")
+    add("--dataset", help=f"one of {', '.join(DATASETS)} (default mnist1d)")
+    add("--model", help="mlp, cnn1d, cnn, resnet18, wrn-D-K (default: the dataset's: mnist1d→cnn1d, digits→cnn, ...)")
+    if single:
+        add("--optimizer", help=f"one of {', '.join(OPTIMIZERS)} (default sgd)")
+        add("--seed", type=int, help="seed of the initial weights, data order and label noise (default 0)")
+    add("--rho", type=float, help="SAM radius (default 0.05)")
+    add("--lr", type=float, help="learning rate (default 0.05)")
+    add("--momentum", type=float, help="SGD momentum (default 0.9)")
+    add("--weight-decay", type=float, help="weight decay (default 5e-4)")
+    add("--batch-size", type=int, help="batch size (default 64)")
+    add("--epochs", type=int, help="epochs (default 60)")
+    add("--schedule", help="learning-rate schedule: cosine (default) or constant")
+    add("--label-noise", type=float, help="fraction of training labels replaced by another class (default 0)")
+    add("--val-split", type=float, help="fraction of the training set held out for validation (default 0)")
+    add("--augment", action=argparse.BooleanOptionalAction, help="training augmentation (default: on for CIFAR)")
+    add("--data-dir", help="folder with the CIFAR python-pickle files")
+    add("--device", help="cpu (default) or cuda[:N]")
+    add("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    add("--checkpoint-every", type=int, help="write checkpoint.pt every N epochs (default 1)")
+    add("--out", type=Path, help="run folder (default: runs/<command>-<dataset>-<time>)")
+    add("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    add("--quiet", action="store_true", help="no progress bar")
+    for action in parser._actions:
+        if action.dest not in ("help", "quiet"):
+            action.default = argparse.SUPPRESS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sharpness", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = commands.add_parser("train", help="train one model with one optimizer")
+    _run_flags(train, single=True)
+    comp = commands.add_parser("compare", help="compare optimizers over seeds (default: SGD vs SAM, MNIST-1D)")
+    _run_flags(comp, single=False)
+    comp.add_argument("--optimizers", type=_names, default=argparse.SUPPRESS, help="comma list (default sgd,sam)")
+    comp.add_argument("--seeds", type=int, default=argparse.SUPPRESS, help="number of seeds (default 3)")
+    comp.add_argument(
+        "--rho-grid", type=_floats, default=argparse.SUPPRESS, help="select rho on --val-split from these"
+    )
+    comp.add_argument(
+        "--equal-compute",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="optimizers with one pass per step get twice the epochs",
+    )
+    report = commands.add_parser("report", help="regenerate the figure and HTML report of a run folder")
+    report.add_argument("run_dir", type=Path)
+    return parser
+
+
+class EpochProgress(Callback):
+    """Advances a shared ``tqdm`` bar by one per epoch and shows the run and its latest test metric."""
+
+    def __init__(self, bar: Any, label: str) -> None:
+        self.bar, self.label = bar, label
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        metric = (
+            f"test acc {record['test_acc']:.3f}" if "test_acc" in record else f"test loss {record['test_loss']:.4g}"
+        )
+        self.bar.set_postfix_str(f"{self.label} epoch {record['epoch']}: {metric}", refresh=False)
+        self.bar.update(1)
+
+
+def _progress_bar(total: int, done: int, quiet: bool) -> Any:
+    if quiet:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit="epoch", file=sys.stderr, dynamic_ncols=True)
+
+
+def _epochs_done(run_dir: Path) -> int:
+    """Epochs a (resumable) run folder has completed: all of them once final, else its checkpoint's."""
+    if (run_dir / FINAL_NAME).is_file():
+        return json.loads((run_dir / FINAL_NAME).read_text())["epochs"]
+    if (run_dir / CHECKPOINT_NAME).is_file():
+        return load_checkpoint(run_dir)["train_state"]["epoch"]
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    values = read_toml(args.config) if "config" in args else {}
+    skip = {"command", "config", "out", "resume", "quiet"}
+    values.update({key: value for key, value in vars(args).items() if key not in skip})
+    return values
+
+
+def _out_dir(args: argparse.Namespace, dataset: str) -> Path:
+    if "out" in args:
+        return args.out
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{args.command}-{dataset}-{stamp}"
+
+
+def _saved_settings(run_dir: Path, kind: str) -> dict[str, Any]:
+    path = run_dir / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"cannot resume: {path} does not exist (is {run_dir} a sharpness run folder?)")
+    saved = json.loads(path.read_text())
+    if saved.pop("kind", None) != kind:
+        raise ConfigError(f"cannot resume: {run_dir} is not a '{kind}' run folder")
+    if kind == "compare":
+        saved.update(saved.pop("run"))
+    return saved
+
+
+def _train(args: argparse.Namespace) -> int:
+    resume = "resume" in args
+    if resume:
+        values = _saved_settings(args.resume, "train")
+        values.update({k: v for k, v in _settings(args).items() if k in ("device", "threads")})
+    else:
+        values = _settings(args)
+    config = build_config(values, compare=False)
+    assert isinstance(config, RunConfig)
+    run_dir = args.resume if resume else _out_dir(args, config.dataset)
+    bar = _progress_bar(config.epochs, _epochs_done(run_dir) if resume else 0, args.quiet)
+    callbacks = [EpochProgress(bar, config.optimizer)] if bar is not None else []
+    try:
+        final = run_training(config, run_dir, resume=resume, callbacks=callbacks)
+    finally:
+        if bar is not None:
+            bar.close()
+    write_report(run_dir)
+    shown = {k: v for k, v in final.items() if isinstance(v, int | float)}
+    print(json.dumps(shown, indent=2))
+    print(f"run folder: {run_dir}  (report: {run_dir / 'report.html'})")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    resume = "resume" in args
+    if resume:
+        values = _saved_settings(args.resume, "compare")
+        values.update({k: v for k, v in _settings(args).items() if k in ("device", "threads")})
+    else:
+        values = _settings(args)
+    config = build_config(values, compare=True)
+    out_dir = args.resume if resume else _out_dir(args, config.run.dataset)
+    runs = list(plan_runs(config))
+    done = sum(_epochs_done(out_dir / RUNS_DIR / run_label(run)) for run in runs) if resume else 0
+    bar = _progress_bar(sum(run.epochs for run in runs), done, args.quiet)
+    try:
+        summary = compare(
+            config,
+            out_dir,
+            resume=resume,
+            callbacks=lambda run: [EpochProgress(bar, run_label(run))] if bar is not None else [],
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    write_report(out_dir)
+    print(format_table(summary))
+    print(f"run folder: {out_dir}  (report: {out_dir / 'report.html'})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "report":
+            for path in write_report(args.run_dir):
+                print(f"wrote {path}")
+            return 0
+        return _train(args) if args.command == "train" else _compare(args)
+    except NonFiniteLossError as exc:
+        print(f"sharpness: training stopped: {exc}", file=sys.stderr)
+        return 1
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"sharpness: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

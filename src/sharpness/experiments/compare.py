@@ -1,0 +1,204 @@
+"""Compare optimizers over seeds (``sharpness compare``), as the SAM paper reports its results.
+
+Each (optimizer, ρ, seed) is one run folder under ``OUT/runs/``; seed ``s`` gives every optimizer the same
+initial weights and data order. With a ρ grid, every ρ is trained for every seed and the ρ with the best mean
+validation accuracy is reported on the test set (Foret et al. §3: ρ tuned on a 10% validation split). With
+``equal_compute``, optimizers that take one pass per step get twice the epochs. :func:`summarize` reads the run
+folders back, so a summary (and ``sharpness report``) can always be regenerated from the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from sharpness.experiments.config import CompareConfig, RunConfig
+from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, run_training
+from sharpness.experiments.stats import mean_ci95
+from sharpness.optim.registry import SAM_FAMILY
+from sharpness.train import CHECKPOINT_NAME, Callback, write_json
+
+SUMMARY_NAME = "summary.json"
+RUNS_DIR = "runs"
+
+
+def run_label(config: RunConfig) -> str:
+    rho = f"-rho{config.rho:g}" if config.optimizer in SAM_FAMILY else ""
+    return f"{config.optimizer}{rho}-seed{config.seed}"
+
+
+def plan_runs(config: CompareConfig) -> Iterator[RunConfig]:
+    """Every run of the comparison, in the order they are trained."""
+    for optimizer in config.optimizers:
+        grid = config.rho_grid if config.rho_grid and optimizer in SAM_FAMILY else [config.run.rho]
+        for rho in grid:
+            for seed in range(config.seeds):
+                yield dataclasses.replace(
+                    config.run, optimizer=optimizer, rho=rho, seed=seed, epochs=config.epochs_for(optimizer)
+                )
+
+
+def compare(
+    config: CompareConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    callbacks: Callable[[RunConfig], Sequence[Callback]] = lambda run: (),
+) -> dict[str, Any]:
+    """Train every planned run into ``out_dir/runs`` and write ``summary.json``; returns the summary.
+
+    With ``resume=True`` finished runs are kept, interrupted ones continue from their checkpoints and missing
+    ones are trained. ``callbacks(run_config)`` gives extra callbacks for each run (progress, tracking).
+    """
+    config.validate()
+    out_dir = Path(out_dir)
+    saved = out_dir / CONFIG_NAME
+    described = {"kind": "compare", **_describe(config)}
+    if resume:
+        if not saved.is_file() or json.loads(saved.read_text()) != described:
+            raise ValueError(f"cannot resume {out_dir}: its {CONFIG_NAME} is missing or has other settings")
+    elif (out_dir / RUNS_DIR).exists():
+        raise ValueError(f"{out_dir} already holds a comparison; use --resume to continue it, or another --out")
+    write_json(described, saved)
+    for run in plan_runs(config):
+        run_dir = out_dir / RUNS_DIR / run_label(run)
+        if (run_dir / FINAL_NAME).is_file():
+            continue
+        resume_run = resume and (run_dir / CHECKPOINT_NAME).is_file()
+        run_training(run, run_dir, resume=resume_run, callbacks=callbacks(run))
+    summary = summarize(out_dir)
+    write_json(summary, out_dir / SUMMARY_NAME)
+    return summary
+
+
+def _describe(config: CompareConfig) -> dict[str, Any]:
+    described = dataclasses.asdict(config)
+    described["run"].pop("threads")
+    described["run"].pop("device")
+    return described
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def load_runs(out_dir: Path) -> list[dict[str, Any]]:
+    """The finished runs of a comparison folder: each its config, final metrics and label."""
+    runs = []
+    for run_dir in sorted((out_dir / RUNS_DIR).iterdir()):
+        final = run_dir / FINAL_NAME
+        if final.is_file():
+            runs.append(
+                {
+                    "label": run_dir.name,
+                    "config": json.loads((run_dir / CONFIG_NAME).read_text()),
+                    "final": json.loads(final.read_text()),
+                }
+            )
+    return runs
+
+
+def summarize(out_dir: str | Path) -> dict[str, Any]:
+    """Per optimizer: mean ± 95% CI over seeds of the test metric, and the other figures of the table.
+
+    For a SAM-family optimizer trained over a ρ grid, the row is the ρ with the best mean validation accuracy
+    (lowest validation loss for regression); ``selection`` lists the validation score of every ρ.
+    """
+    out_dir = Path(out_dir)
+    described = json.loads((out_dir / CONFIG_NAME).read_text())
+    runs = load_runs(out_dir)
+    if not runs:
+        raise ValueError(f"{out_dir} has no finished runs under {RUNS_DIR}/")
+    classification = "test_acc" in runs[0]["final"]
+    rows, selection = [], {}
+    for optimizer in described["optimizers"]:
+        groups: dict[float, list[dict[str, Any]]] = {}
+        for run in runs:
+            if run["config"]["optimizer"] == optimizer:
+                groups.setdefault(run["config"]["rho"], []).append(run)
+        if not groups:
+            continue
+        if len(groups) > 1:
+            scores = {rho: _validation_score(group, classification) for rho, group in groups.items()}
+            selection[optimizer] = {f"{rho:g}": score for rho, score in sorted(scores.items())}
+            chosen = max(scores, key=scores.__getitem__)
+        else:
+            chosen = next(iter(groups))
+        rows.append(_row(optimizer, chosen, groups[chosen], classification))
+    return {
+        "task": "classification" if classification else "regression",
+        "rows": rows,
+        "selection": selection,
+        "config": described,
+    }
+
+
+def _validation_score(group: list[dict[str, Any]], classification: bool) -> float:
+    key = "val_acc" if classification else "val_loss"
+    mean = sum(run["final"][key] for run in group) / len(group)
+    return mean if classification else -mean
+
+
+def _row(optimizer: str, rho: float, group: list[dict[str, Any]], classification: bool) -> dict[str, Any]:
+    finals = [run["final"] for run in group]
+    row: dict[str, Any] = {
+        "optimizer": optimizer,
+        "rho": rho if optimizer in SAM_FAMILY else None,
+        "epochs": group[0]["config"]["epochs"],
+        "seeds": len(group),
+        "runs": [run["label"] for run in group],
+    }
+    metrics = ["test_acc", "test_loss", "train_loss", "train_acc", "gap", "train_seconds", "sam_fraction"]
+    metrics += ["passes_per_step", "train_clean_acc", "val_acc", "val_loss"]
+    for key in metrics:
+        values = [final[key] for final in finals if key in final]
+        if len(values) == len(finals):
+            row[f"{key}_mean"], row[f"{key}_ci95"] = mean_ci95(values)
+    if not classification:
+        row.pop("train_acc_mean", None)
+    return row
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The comparison as a plain-text table (what ``sharpness compare`` prints)."""
+    classification = summary["task"] == "classification"
+    header = ["optimizer", "rho", "epochs", "seeds"]
+    header += ["test acc % (95% CI)"] if classification else ["test loss (95% CI)"]
+    header += ["train loss", "gap" + (" (pts)" if classification else ""), "wall-clock s", "SAM frac", "passes/step"]
+    lines = []
+    for row in summary["rows"]:
+        if classification:
+            main = f"{100 * row['test_acc_mean']:.2f} ± {100 * row['test_acc_ci95']:.2f}"
+            gap = f"{100 * row['gap_mean']:.2f}"
+        else:
+            main = f"{row['test_loss_mean']:.4g} ± {row['test_loss_ci95']:.2g}"
+            gap = f"{row['gap_mean']:.4g}"
+        lines.append(
+            [
+                row["optimizer"],
+                "-" if row["rho"] is None else f"{row['rho']:g}",
+                str(row["epochs"]),
+                str(row["seeds"]),
+                main,
+                f"{row['train_loss_mean']:.4f}",
+                gap,
+                f"{row['train_seconds_mean']:.1f}",
+                f"{row['sam_fraction_mean']:.2f}",
+                f"{row['passes_per_step_mean']:.2f}",
+            ]
+        )
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+
+    def render(cells: list[str]) -> str:  # first column left-aligned, numbers right-aligned
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+    table = [render(header), "  ".join("-" * w for w in widths), *map(render, lines)]
+    for optimizer, scores in summary["selection"].items():
+        name = "val acc" if classification else "-val loss"
+        table.append(
+            f"{optimizer}: rho chosen on validation; mean {name} per rho: "
+            + ", ".join(f"{rho}: {score:.4f}" for rho, score in scores.items())
+        )
+    return "\n".join(table)

@@ -1,0 +1,201 @@
+"""Run configurations: one training run, and a comparison of optimizers over seeds.
+
+The field names are the CLI flags with ``-`` replaced by ``_`` (``--label-noise`` ↔ ``label_noise``), and the keys
+of a ``--config`` TOML file (either spelling). Every value is checked by :meth:`RunConfig.validate` before any
+data is loaded or any model is trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from sharpness.data import DATASETS
+from sharpness.models import parse_model_name
+from sharpness.optim.registry import OPTIMIZERS, SAM_FAMILY
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+DEFAULT_MODELS = {
+    "mnist1d": "cnn1d",
+    "digits": "cnn",
+    "cifar10": "resnet18",
+    "cifar100": "resnet18",
+    "synthetic": "mlp",
+}
+SCHEDULES = ("cosine", "constant")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the setting, the value and what is allowed."""
+
+
+@dataclass
+class RunConfig:
+    """One training run (``sharpness train``)."""
+
+    dataset: str = "mnist1d"
+    model: str | None = None  # None: the dataset's default (DEFAULT_MODELS)
+    optimizer: str = "sgd"
+    rho: float = 0.05
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    epochs: int = 60
+    seed: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    label_noise: float = 0.0
+    val_split: float = 0.0
+    augment: bool | None = None  # None: the dataset's default (on for CIFAR)
+    data_dir: str | None = None
+    device: str = "cpu"
+    threads: int | None = None  # torch.set_num_threads; None leaves torch's default
+    checkpoint_every: int = 1
+
+    @property
+    def model_name(self) -> str:
+        return self.model or DEFAULT_MODELS[self.dataset]
+
+    def validate(self) -> RunConfig:
+        """Check every value; raise :class:`ConfigError` naming the first bad one. Returns ``self``."""
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        try:
+            parse_model_name(self.model_name)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        _integer("epochs", self.epochs, minimum=1)
+        _integer("batch_size", self.batch_size, minimum=1)
+        _integer("seed", self.seed, minimum=0)
+        _integer("checkpoint_every", self.checkpoint_every, minimum=1)
+        if self.threads is not None:
+            _integer("threads", self.threads, minimum=1)
+        _number("lr", self.lr, low=0.0, low_open=True)
+        _number("rho", self.rho, low=0.0)
+        _number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        _number("weight_decay", self.weight_decay, low=0.0)
+        _number("label_noise", self.label_noise, low=0.0, high=1.0, high_open=True)
+        _number("val_split", self.val_split, low=0.0, high=1.0, high_open=True)
+        if self.dataset.startswith("cifar") and not self.data_dir:
+            raise ConfigError(
+                f"dataset {self.dataset!r} is read from a local folder: pass --data-dir DIR (the folder with the "
+                "python-pickle batches, e.g. cifar-10-batches-py)"
+            )
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        return self
+
+
+@dataclass
+class CompareConfig:
+    """Several optimizers over several seeds (``sharpness compare``)."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    optimizers: list[str] = field(default_factory=lambda: ["sgd", "sam"])
+    seeds: int = 3
+    rho_grid: list[float] | None = None  # select rho on validation for the SAM-family optimizers
+    equal_compute: bool = False  # optimizers with one pass per step get twice the epochs
+
+    def validate(self) -> CompareConfig:
+        self.run.validate()
+        if not self.optimizers:
+            raise ConfigError("optimizers must name at least one optimizer")
+        for name in self.optimizers:
+            _choice("optimizers", name, OPTIMIZERS)
+        if len(set(self.optimizers)) != len(self.optimizers):
+            raise ConfigError(f"optimizers must not repeat a name, got {self.optimizers}")
+        _integer("seeds", self.seeds, minimum=1)
+        if self.rho_grid is not None:
+            if not self.rho_grid:
+                raise ConfigError("rho_grid is empty; give at least one value, e.g. --rho-grid 0.05,0.1")
+            for rho in self.rho_grid:
+                _number("rho_grid value", rho, low=0.0)
+            if self.run.val_split <= 0:
+                raise ConfigError("--rho-grid selects rho on a validation split: also pass --val-split (e.g. 0.1)")
+            if not any(name in SAM_FAMILY for name in self.optimizers):
+                raise ConfigError(f"--rho-grid needs a SAM-family optimizer ({', '.join(SAM_FAMILY)}) to tune")
+        return self
+
+    def epochs_for(self, optimizer: str) -> int:
+        """SAM-family runs cost two passes per step: with ``equal_compute`` the others get twice the epochs."""
+        return self.run.epochs * (2 if self.equal_compute and optimizer not in SAM_FAMILY else 1)
+
+
+# ----------------------------------------------------------------------------- building from flags / TOML
+
+RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+COMPARE_FIELDS = {f.name for f in dataclasses.fields(CompareConfig)} - {"run"}
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The key/value pairs of a ``--config`` file, keys normalised to underscores."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return {key.replace("-", "_"): value for key, value in raw.items()}
+
+
+def build_config(values: dict[str, Any], *, compare: bool) -> RunConfig | CompareConfig:
+    """A validated config from ``values`` (flags and/or TOML keys); unknown keys are an error."""
+    allowed = RUN_FIELDS | (COMPARE_FIELDS if compare else set())
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; valid: {', '.join(sorted(allowed))}")
+    run = RunConfig(**{key: value for key, value in values.items() if key in RUN_FIELDS})
+    if not compare:
+        return run.validate()
+    extra = {key: value for key, value in values.items() if key in COMPARE_FIELDS}
+    return CompareConfig(run=run, **extra).validate()
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+def _integer(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _number(
+    name: str,
+    value: Any,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{name} must be a finite number in {interval}, got {value!r}")
+
+
+__all__ = [
+    "CompareConfig",
+    "ConfigError",
+    "DEFAULT_MODELS",
+    "RunConfig",
+    "build_config",
+    "read_toml",
+]

@@ -1,0 +1,169 @@
+"""Figures and an HTML report from a run folder (``sharpness report RUN_DIR``).
+
+Everything is read from the folder's files (``config.json``, ``metrics.jsonl``, ``final.json`` and, for a
+comparison, ``summary.json`` recomputed from its runs), so a report can be regenerated at any time.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from sharpness.experiments.compare import RUNS_DIR, SUMMARY_NAME, format_table, summarize
+from sharpness.experiments.config import DEFAULT_MODELS
+from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME
+from sharpness.train import write_json
+
+FIGURE_NAME, REPORT_NAME = "curves.png", "report.html"
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of a run folder's ``metrics.jsonl``."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file at {path}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_report(run_dir: str | Path) -> list[Path]:
+    """(Re)write the figure and ``report.html`` of a run or comparison folder; returns the written paths."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a sharpness run folder: {config_path} is missing")
+    kind = json.loads(config_path.read_text()).get("kind")
+    if kind == "compare":
+        return _compare_report(run_dir)
+    if kind == "train":
+        return _train_report(run_dir)
+    raise ValueError(f"{config_path} has unknown kind {kind!r} (expected 'train' or 'compare')")
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _curves_figure(series: dict[str, list[list[dict[str, Any]]]], path: Path, title: str) -> None:
+    """Test accuracy (or loss) and training loss per epoch; one line per label, mean over its runs, min–max band."""
+    plt = _pyplot()
+    first = next(iter(series.values()))[0][0]
+    top_key = "test_acc" if "test_acc" in first else "test_loss"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, runs in series.items():
+        for axis, key in zip(axes, (top_key, "train_loss"), strict=True):
+            length = min(len(run) for run in runs)
+            epochs = [run[i]["epoch"] for run in runs[:1] for i in range(length)]
+            values = [[run[i][key] for run in runs] for i in range(length)]
+            mean = [sum(v) / len(v) for v in values]
+            (line,) = axis.plot(epochs, mean, label=f"{label} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
+            if len(runs) > 1:
+                axis.fill_between(
+                    epochs, [min(v) for v in values], [max(v) for v in values], alpha=0.2, color=line.get_color()
+                )
+    axes[0].set_ylabel("test accuracy" if top_key == "test_acc" else "test loss")
+    axes[1].set_ylabel("training loss (first pass, running mean)")
+    axes[1].set_yscale("log")
+    for axis in axes:
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- pages
+
+
+def _compare_report(out_dir: Path) -> list[Path]:
+    summary = summarize(out_dir)
+    write_json(summary, out_dir / SUMMARY_NAME)
+    series = {}
+    for row in summary["rows"]:
+        label = row["optimizer"] + (f" ρ={row['rho']:g}" if row["rho"] is not None else "")
+        series[label] = [read_metrics(out_dir / RUNS_DIR / name) for name in row["runs"]]
+    run = summary["config"]["run"]
+    title = f"{run['dataset']} / {run['model'] or DEFAULT_MODELS[run['dataset']]}"
+    _curves_figure(series, out_dir / FIGURE_NAME, title)
+    body = [
+        f"<h1>sharpness compare: {html.escape(title)}</h1>",
+        "<h2>Summary</h2>",
+        f"<pre>{html.escape(format_table(summary))}</pre>",
+        "<p>Test metric: mean over seeds ± half-width of the 95% Student-t interval. Gap: train − test accuracy "
+        "(eval mode, on the training labels). Wall-clock: training steps only. SAM frac: fraction of steps "
+        "that took a second pass.</p>",
+        f'<img src="{FIGURE_NAME}" alt="learning curves" width="100%">',
+        "<h2>Runs</h2>",
+        _runs_table(out_dir),
+        "<h2>Configuration</h2>",
+        f"<pre>{html.escape(json.dumps(summary['config'], indent=2))}</pre>",
+    ]
+    return _write_page(out_dir, title, body)
+
+
+def _train_report(run_dir: Path) -> list[Path]:
+    config = json.loads((run_dir / CONFIG_NAME).read_text())
+    title = f"{config['dataset']} / {config['model'] or DEFAULT_MODELS[config['dataset']]} / {config['optimizer']}"
+    _curves_figure({config["optimizer"]: [read_metrics(run_dir)]}, run_dir / FIGURE_NAME, title)
+    final_path = run_dir / FINAL_NAME
+    final = json.loads(final_path.read_text()) if final_path.is_file() else None
+    body = [
+        f"<h1>sharpness train: {html.escape(title)}</h1>",
+        "<h2>Final metrics</h2>",
+        _dict_table(final) if final else "<p>The run has not finished (no final.json).</p>",
+        f'<img src="{FIGURE_NAME}" alt="learning curves" width="100%">',
+        "<h2>Configuration</h2>",
+        _dict_table(config),
+    ]
+    return _write_page(run_dir, title, body)
+
+
+def _runs_table(out_dir: Path) -> str:
+    rows = []
+    for run_dir in sorted((out_dir / RUNS_DIR).iterdir()):
+        final_path = run_dir / FINAL_NAME
+        if not final_path.is_file():
+            continue
+        final = json.loads(final_path.read_text())
+        cells = [run_dir.name] + [_fmt(final.get(key)) for key in ("test_acc", "test_loss", "train_loss", "gap")]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("run", "test acc", "test loss", "train loss", "gap"))
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _dict_table(values: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in values.items())
+    return f"<table>{rows}</table>"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def _write_page(folder: Path, title: str, body: list[str]) -> list[Path]:
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "pre{background:#f6f6f6;padding:1em;overflow-x:auto}"
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}"
+        f"<p><small>Regenerate with <code>sharpness report {html.escape(str(folder))}</code>.</small></p>"
+        "</body></html>\n"
+    )
+    (folder / REPORT_NAME).write_text(page)
+    return [folder / FIGURE_NAME, folder / REPORT_NAME]

@@ -1,0 +1,135 @@
+"""One training run from a :class:`RunConfig` into a run folder.
+
+A run folder holds ``config.json`` (the configuration), ``metrics.jsonl`` / ``metrics.csv`` (one row per
+epoch), ``checkpoint.pt`` (the last completed epoch; ``--resume`` continues from it bit-identically) and, when
+the run has finished, ``final.json`` (eval-mode metrics on every split and the generalisation gap).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sharpness.data import Dataset, load_dataset, num_batches
+from sharpness.experiments.config import ConfigError, RunConfig
+from sharpness.models import build_model
+from sharpness.optim.registry import build_optimizer
+from sharpness.train import (
+    CHECKPOINT_NAME,
+    Callback,
+    Checkpointer,
+    MetricsLogger,
+    NonFiniteLossError,
+    Trainer,
+    load_checkpoint,
+    write_json,
+)
+
+CONFIG_NAME, FINAL_NAME = "config.json", "final.json"
+
+
+def load_data(config: RunConfig) -> Dataset:
+    return load_dataset(
+        config.dataset,
+        seed=config.seed,
+        val_split=config.val_split,
+        label_noise=config.label_noise,
+        data_dir=config.data_dir,
+        augment=config.augment,
+    )
+
+
+def build_trainer(config: RunConfig, data: Dataset, callbacks: Sequence[Callback] = ()) -> Trainer:
+    """Model (seeded with ``config.seed``), optimizer, schedule and trainer for ``config``."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.model_name, input_shape=data.input_shape, num_classes=data.num_classes)
+    optimizer = build_optimizer(
+        config.optimizer,
+        model,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        rho=config.rho,
+    )
+    scheduler = None
+    if config.schedule == "cosine":
+        total_steps = config.epochs * num_batches(len(data.y_train), config.batch_size)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return Trainer(
+        model,
+        optimizer,
+        data,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        scheduler=scheduler,
+        seed=config.seed,
+        device=config.device,
+        callbacks=callbacks,
+    )
+
+
+def run_training(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    callbacks: Sequence[Callback] = (),
+    data: Dataset | None = None,
+) -> dict[str, Any]:
+    """Train as ``config`` says, writing the run folder; returns the final metrics (also in ``final.json``).
+
+    With ``resume=True`` the folder's checkpoint is loaded and training continues from it; the folder's
+    ``config.json`` must match ``config`` (a resumed run with other settings would not be the same run).
+    ``callbacks`` run before the metrics logger and the checkpointer (so they can add metrics).
+    """
+    config.validate()
+    run_dir = Path(run_dir)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    saved_config = run_dir / CONFIG_NAME
+    if resume:
+        _check_same_config(saved_config, config)
+        state = load_checkpoint(run_dir)
+    elif (run_dir / FINAL_NAME).exists() or (run_dir / CHECKPOINT_NAME).exists():
+        raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it, or choose another --out")
+    data = data if data is not None else load_data(config)
+    trainer = build_trainer(
+        config, data, [*callbacks, MetricsLogger(run_dir), Checkpointer(run_dir, every=config.checkpoint_every)]
+    )
+    if resume:
+        trainer.load_state_dict(state)
+    else:
+        write_json({"kind": "train", **dataclasses.asdict(config)}, saved_config)
+    try:
+        trainer.fit()
+    except NonFiniteLossError as exc:
+        checkpoint = run_dir / CHECKPOINT_NAME
+        kept = (
+            f"the last good epoch ({load_checkpoint(checkpoint)['train_state']['epoch']}) is kept in {checkpoint}"
+            if checkpoint.is_file()
+            else "no epoch had completed, so there is no checkpoint"
+        )
+        raise NonFiniteLossError(f"{exc}; {kept}") from None
+    final = trainer.final_metrics()
+    write_json(final, run_dir / FINAL_NAME)
+    return final
+
+
+def _check_same_config(path: Path, config: RunConfig) -> None:
+    if not path.is_file():
+        raise ConfigError(f"cannot resume: {path} does not exist (is this a sharpness run folder?)")
+    saved = json.loads(path.read_text())
+    saved.pop("kind", None)
+    # threads and device only decide where and how fast the run computes, not what it computes.
+    current = {key: value for key, value in dataclasses.asdict(config).items() if key not in ("threads", "device")}
+    differing = sorted(key for key, value in current.items() if saved.get(key) != value)
+    if differing:
+        raise ConfigError(
+            f"cannot resume {path.parent}: the settings differ from the saved run in {differing}; "
+            "resume with the run's own settings"
+        )

@@ -1,0 +1,91 @@
+"""Argument checking shared by the built-in models (internal).
+
+Every model validates its own constructor arguments, so a model built directly (``MLP(...)``) is as safe as one
+built through :func:`sharpness.models.build_model`. Invalid values raise ``ValueError`` with the expected form.
+Integer, float and boolean options also accept their string spelling (``"64"``, ``"0.3"``, ``"true"``), so a
+command line can pass option values through unchanged.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def check_shape(input_shape: object, *, model: str, lengths: tuple[int, ...], expected: str) -> tuple[int, ...]:
+    """Return ``input_shape`` as a tuple of positive ints if it has one of the allowed ``lengths``."""
+    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
+        raise ValueError(f"{model}: input_shape must be {expected}, got {input_shape!r}")
+    shape = tuple(input_shape)
+    if len(shape) not in lengths or not all(
+        isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in shape
+    ):
+        raise ValueError(f"{model}: input_shape must be {expected} (positive integers), got {input_shape!r}")
+    return tuple(int(d) for d in shape)
+
+
+def as_int(value: object, name: str, *, model: str, minimum: int = 1) -> int:
+    """An integer >= ``minimum`` (an int, or a string spelling one)."""
+    result: int | None = None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        result = int(value)
+    elif isinstance(value, str):
+        try:
+            result = int(value.strip())
+        except ValueError:
+            result = None
+    if result is None or result < minimum:
+        raise ValueError(f"{model}: {name} must be an integer >= {minimum}, got {value!r}")
+    return result
+
+
+def as_int_tuple(value: object, name: str, *, model: str, allow_empty: bool) -> tuple[int, ...]:
+    """A tuple of positive ints, from an int, a sequence of ints, or a comma-separated string ``"256,256"``."""
+    items: Sequence[object]
+    if isinstance(value, str):
+        text = value.strip()
+        items = [] if text == "" else [part.strip() for part in text.split(",")]
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        items = [value]
+    elif isinstance(value, Sequence):
+        items = list(value)
+    else:
+        raise ValueError(
+            f"{model}: {name} must be a list of positive integers or a string like '256,256', got {value!r}"
+        )
+    try:
+        result = tuple(as_int(item, name, model=model) for item in items)
+    except ValueError:
+        raise ValueError(
+            f"{model}: {name} must be a list of positive integers or a string like '256,256', got {value!r}"
+        ) from None
+    if not result and not allow_empty:
+        raise ValueError(f"{model}: {name} must not be empty")
+    return result
+
+
+def as_float(value: object, name: str, *, model: str, low: float, high: float) -> float:
+    """A float with ``low <= value < high`` (a real number, or a string spelling one)."""
+    result: float | None = None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        result = float(value)
+    elif isinstance(value, str):
+        try:
+            result = float(value.strip())
+        except ValueError:
+            result = None
+    if result is None or not low <= result < high:
+        raise ValueError(f"{model}: {name} must be a number in [{low}, {high}), got {value!r}")
+    return result
+
+
+def as_bool(value: object, name: str, *, model: str) -> bool:
+    """A bool (also the strings true/false, 1/0, yes/no, on/off)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{model}: {name} must be true or false, got {value!r}")

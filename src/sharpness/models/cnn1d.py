@@ -1,0 +1,68 @@
+"""The MNIST-1D convolutional network.
+
+Reference: Greydanus, "Scaling down Deep Learning" (2020, arXiv 2011.14439), the ``ConvBase`` model of the
+``mnist1d`` repository (there with 25 channels; here ``channels=32`` by default). It reaches about 95 % test
+accuracy on MNIST-1D. Architecture, for ``C`` channels::
+
+    Conv1d(in_ch -> C, kernel 5, stride 2, padding 1), ReLU
+    Conv1d(C -> C,     kernel 3, stride 2, padding 1), ReLU
+    Conv1d(C -> C,     kernel 3, stride 2, padding 1), ReLU
+    Flatten, Linear(C * L_out -> num_classes)
+
+``L_out`` follows from the input length ``L`` (``L -> (L - 3) // 2 + 1 -> (. - 1) // 2 + 1 -> (. - 1) // 2 + 1``;
+for ``L = 40``: 40 -> 19 -> 10 -> 5). An input shape ``(L,)`` means one channel: the forward pass adds the channel
+dimension to a batch of shape ``(N, L)``.
+
+Initialisation: PyTorch's defaults for ``nn.Conv1d`` and ``nn.Linear`` (as in the reference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from sharpness.models._common import as_int, check_shape
+
+__all__ = ["CNN1D"]
+
+
+def _conv_out(length: int, kernel: int, stride: int = 2, padding: int = 1) -> int:
+    return (length + 2 * padding - kernel) // stride + 1
+
+
+class CNN1D(nn.Module):
+    """Three strided 1-D convolutions and a linear head (the MNIST-1D conv net).
+
+    Args:
+        input_shape: ``(L,)`` (one channel) or ``(C, L)``; ``L >= 3``.
+        num_classes: number of outputs (logits).
+        channels: channels of every convolution.
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, channels: int = 32) -> None:
+        super().__init__()
+        self.input_shape = check_shape(input_shape, model="cnn1d", lengths=(1, 2), expected="(L,) or (C, L)")
+        self.num_classes = as_int(num_classes, "num_classes", model="cnn1d")
+        self.channels = as_int(channels, "channels", model="cnn1d")
+        in_channels, length = (1, self.input_shape[0]) if len(self.input_shape) == 1 else self.input_shape
+        self._add_channel_dim = len(self.input_shape) == 1
+        l_out = _conv_out(_conv_out(_conv_out(length, 5), 3), 3)
+        if l_out < 1:
+            raise ValueError(f"cnn1d: the input length must be at least 3, got input_shape={input_shape!r}")
+        self.out_length = l_out
+        c = self.channels
+        self.features = nn.Sequential(
+            nn.Conv1d(in_channels, c, kernel_size=5, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(c, c, kernel_size=3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(c, c, kernel_size=3, stride=2, padding=1),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(c * l_out, self.num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._add_channel_dim and x.dim() == 2:
+            x = x.unsqueeze(1)
+        return self.head(self.features(x).flatten(1))

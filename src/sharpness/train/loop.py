@@ -1,0 +1,312 @@
+"""One training loop for every optimizer: plain ``torch.optim`` optimizers and the whole SAM family.
+
+Each step calls ``optimizer.step(closure)``. The closure zeroes the gradients, runs forward and backward on the
+batch and returns the loss; a plain optimizer calls it once, SAM twice (at ``w`` and ``w + ε``), and an optimizer
+that decides per step whether to take its second pass calls it once or twice. The loop counts the calls, so the
+number of forward/backward passes and the fraction of steps that took more than one are measured, not assumed.
+
+Determinism: batches are shuffled and augmented with the loop's own ``torch.Generator`` s, seeded from ``seed``;
+:meth:`Trainer.state_dict` holds them, the model, the optimizer, the scheduler, the global torch RNG (dropout)
+and the history, so a run resumed from a checkpoint continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from sharpness.data import Dataset, iterate_batches
+from sharpness.train.callbacks import Callback
+
+_SEED_OFFSET_AUGMENT = 1_000_003  # a second, unrelated stream for augmentation
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run was stopped at that step."""
+
+
+@dataclass
+class StepOutput:
+    """What :meth:`Callback.on_step_end` sees after each optimizer step."""
+
+    epoch: int  # 0-based epoch of this step
+    step: int  # optimizer steps taken so far, this one included
+    loss: float  # the loss at the unperturbed weights (the closure's first call)
+    passes: int  # forward/backward passes this step took
+    x: Tensor
+    y: Tensor
+
+
+@dataclass
+class TrainState:
+    """Counters and history of a run (saved in checkpoints)."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    passes: int = 0  # forward/backward passes taken
+    multi_pass_steps: int = 0  # steps that took more than one pass (SAM steps)
+    train_seconds: float = 0.0  # wall-clock of the training steps, evaluation excluded
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def sam_fraction(self) -> float:
+        return self.multi_pass_steps / self.step if self.step else 0.0
+
+    @property
+    def passes_per_step(self) -> float:
+        return self.passes / self.step if self.step else 0.0
+
+
+class Trainer:
+    """Train ``model`` on ``data`` with ``optimizer`` for ``epochs`` epochs, evaluating after each epoch.
+
+    Args:
+        model, optimizer: any ``nn.Module`` and any optimizer whose ``step`` accepts a closure.
+        data: a :class:`sharpness.data.Dataset`; the loss is cross-entropy for classification, mean squared
+            error for regression.
+        epochs: number of epochs (the run stops after this many, counting resumed ones).
+        batch_size: training batch size; the last, smaller batch of an epoch is kept.
+        scheduler: stepped after every optimizer step (so a cosine schedule should span all steps).
+        seed: seeds the shuffling and augmentation generators (the model's initialisation is the caller's).
+        device: where the model and the batches live; data stay on the CPU and batches are moved.
+        callbacks: see :class:`Callback`; called in order.
+        eval_batch_size: batch size of the evaluation passes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        data: Dataset,
+        *,
+        epochs: int,
+        batch_size: int = 64,
+        scheduler: LRScheduler | None = None,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        callbacks: Sequence[Callback] = (),
+        eval_batch_size: int = 1024,
+    ) -> None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.model = model.to(device)
+        self.optimizer = optimizer
+        self.data = data
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.scheduler = scheduler
+        self.device = torch.device(device)
+        self.callbacks = list(callbacks)
+        self.eval_batch_size = eval_batch_size
+        self.loss_fn = nn.functional.cross_entropy if data.task == "classification" else nn.functional.mse_loss
+        self.shuffle_generator = torch.Generator().manual_seed(seed)
+        self.augment_generator = torch.Generator().manual_seed(seed + _SEED_OFFSET_AUGMENT)
+        self.state = TrainState()
+
+    # ------------------------------------------------------------------ training
+
+    def fit(self) -> TrainState:
+        """Train until ``epochs`` epochs are completed (continuing a resumed run); returns the state."""
+        for callback in self.callbacks:
+            callback.on_train_start(self)
+        while self.state.epoch < self.epochs:
+            started = time.perf_counter()
+            totals = self._train_epoch()
+            self.state.train_seconds += time.perf_counter() - started
+            self.state.epoch += 1
+            record = self._epoch_record(totals)
+            self.state.history.append(record)
+            for callback in self.callbacks:
+                callback.on_epoch_end(self, record)
+        for callback in self.callbacks:
+            callback.on_train_end(self)
+        return self.state
+
+    def _train_epoch(self) -> dict[str, float]:
+        self.model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        augment = self.data.augment
+        for x, y in iterate_batches(
+            self.data.x_train, self.data.y_train, self.batch_size, shuffle=True, generator=self.shuffle_generator
+        ):
+            if augment is not None:
+                x = augment(x, self.augment_generator)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            loss, outputs, passes = self._step(x, y)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"the training loss became {value} at epoch {self.state.epoch + 1}, step {self.state.step + 1}; "
+                    "the run was stopped (try a smaller learning rate or rho)"
+                )
+            self.state.step += 1
+            self.state.passes += passes
+            self.state.multi_pass_steps += passes > 1
+            if self.scheduler is not None:
+                self.scheduler.step()
+            loss_sum += value * len(y)
+            seen += len(y)
+            if self.data.task == "classification":
+                correct += int((outputs.argmax(1) == y).sum())
+            step = StepOutput(self.state.epoch, self.state.step, value, passes, x, y)
+            for callback in self.callbacks:
+                callback.on_step_end(self, step)
+        return {"loss": loss_sum / seen, "correct": correct, "seen": seen}
+
+    def _step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, int]:
+        """One optimizer step; returns (loss at w, outputs of the first pass, number of passes)."""
+        passes = 0
+        first_outputs: list[Tensor] = []
+
+        def closure() -> Tensor:
+            nonlocal passes
+            passes += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            outputs = self.model(x)
+            loss = self.loss_fn(outputs, y)
+            loss.backward()
+            if not first_outputs:
+                first_outputs.append(outputs.detach())
+            return loss
+
+        loss = self.optimizer.step(closure)
+        return loss, first_outputs[0], passes
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """Mean loss (and accuracy for classification) of the model in eval mode; the mode is restored."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            loss_sum, correct = 0.0, 0
+            for xb, yb in iterate_batches(x, y, self.eval_batch_size, shuffle=False):
+                xb, yb = xb.to(self.device), yb.to(self.device)
+                outputs = self.model(xb)
+                loss_sum += float(self.loss_fn(outputs, yb, reduction="sum"))
+                if self.data.task == "classification":
+                    correct += int((outputs.argmax(1) == yb).sum())
+        finally:
+            self.model.train(was_training)
+        metrics = {"loss": loss_sum / (len(y) * (1 if self.data.task == "classification" else y[0].numel()))}
+        if self.data.task == "classification":
+            metrics["acc"] = correct / len(y)
+        return metrics
+
+    def _epoch_record(self, totals: dict[str, float]) -> dict[str, Any]:
+        state = self.state
+        record: dict[str, Any] = {
+            "epoch": state.epoch,
+            "step": state.step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": totals["loss"],
+        }
+        if self.data.task == "classification":
+            record["train_acc"] = totals["correct"] / totals["seen"]
+        splits = [("test", self.data.x_test, self.data.y_test)]
+        if self.data.x_val is not None:
+            splits.insert(0, ("val", self.data.x_val, self.data.y_val))
+        for split, x, y in splits:
+            for key, value in self.evaluate(x, y).items():
+                record[f"{split}_{key}"] = value
+        record.update(
+            passes=state.passes,
+            sam_steps=state.multi_pass_steps,
+            sam_fraction=state.sam_fraction,
+            passes_per_step=state.passes_per_step,
+            train_seconds=state.train_seconds,
+        )
+        return record
+
+    def final_metrics(self) -> dict[str, Any]:
+        """Eval-mode metrics on every split at the current weights, and the generalisation gap.
+
+        ``gap`` is train accuracy − test accuracy for classification (train on the labels trained on, noisy
+        or not), test loss − train loss for regression. With label noise, ``train_clean_acc`` is the accuracy
+        on the true training labels.
+        """
+        metrics: dict[str, Any] = {}
+        for key, value in self.evaluate(self.data.x_train, self.data.y_train).items():
+            metrics[f"train_{key}"] = value
+        if self.data.clean_y_train is not None:
+            metrics["train_clean_acc"] = self.evaluate(self.data.x_train, self.data.clean_y_train)["acc"]
+        if self.data.x_val is not None:
+            metrics.update({f"val_{k}": v for k, v in self.evaluate(self.data.x_val, self.data.y_val).items()})
+        metrics.update({f"test_{k}": v for k, v in self.evaluate(self.data.x_test, self.data.y_test).items()})
+        if self.data.task == "classification":
+            metrics["gap"] = metrics["train_acc"] - metrics["test_acc"]
+        else:
+            metrics["gap"] = metrics["test_loss"] - metrics["train_loss"]
+        metrics.update(
+            epochs=self.state.epoch,
+            steps=self.state.step,
+            passes=self.state.passes,
+            sam_fraction=self.state.sam_fraction,
+            passes_per_step=self.state.passes_per_step,
+            train_seconds=self.state.train_seconds,
+        )
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue bit-identically."""
+        state = {
+            "format": 1,
+            "train_state": asdict(self.state),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "shuffle_generator": self.shuffle_generator.get_state(),
+            "augment_generator": self.augment_generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "callbacks": self._callback_states(),
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (usually read by :func:`sharpness.train.load_checkpoint`)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if (state["scheduler"] is None) != (self.scheduler is None):
+            raise ValueError("the checkpoint and this run disagree on whether an LR scheduler is used")
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.shuffle_generator.set_state(state["shuffle_generator"])
+        self.augment_generator.set_state(state["augment_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        by_name = {type(callback).__name__: callback for callback in self.callbacks}
+        missing = sorted(set(state["callbacks"]) - set(by_name))
+        if missing:
+            raise ValueError(f"the checkpoint has state for callbacks {missing} that this run lacks; add them")
+        for name, callback_state in state["callbacks"].items():
+            by_name[name].load_state_dict(callback_state)
+        self.state = TrainState(**state["train_state"])
+
+    def _callback_states(self) -> dict[str, dict[str, Any]]:
+        """The non-empty states of the callbacks, by class name (stateless ones may differ between sessions)."""
+        states: dict[str, dict[str, Any]] = {}
+        for callback in self.callbacks:
+            callback_state = callback.state_dict()
+            if not callback_state:
+                continue
+            name = type(callback).__name__
+            if name in states:
+                raise ValueError(f"two {name} callbacks have state; a checkpoint cannot tell them apart")
+            states[name] = callback_state
+        return states

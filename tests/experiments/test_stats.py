@@ -1,0 +1,34 @@
+"""The 95% confidence interval against scipy's Student-t distribution."""
+
+import math
+
+import pytest
+from scipy import stats
+
+from sharpness.experiments.stats import mean_ci95, t_quantile_975
+
+
+@pytest.mark.parametrize("df", [1, 2, 4, 9, 29, 30])
+def test_t_quantiles_match_scipy(df: int) -> None:
+    assert t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4)
+
+
+def test_large_df_uses_the_normal_quantile_within_two_percent() -> None:
+    assert t_quantile_975(31) == pytest.approx(stats.t.ppf(0.975, 31), rel=0.02)
+
+
+def test_mean_ci95_matches_scipy_interval() -> None:
+    values = [0.941, 0.947, 0.939, 0.952, 0.944]
+    mean, half = mean_ci95(values)
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=stats.tmean(values), scale=stats.sem(values))
+    assert mean == pytest.approx((low + high) / 2)
+    assert half == pytest.approx((high - low) / 2, rel=1e-3)
+
+
+def test_single_value_and_errors() -> None:
+    mean, half = mean_ci95([0.5])
+    assert mean == 0.5 and math.isnan(half)
+    with pytest.raises(ValueError):
+        mean_ci95([])
+    with pytest.raises(ValueError):
+        t_quantile_975(0)
