@@ -13,8 +13,9 @@ def test_t_quantiles_match_scipy(df: int) -> None:
     assert t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4)
 
 
-def test_large_df_uses_the_normal_quantile_within_two_percent() -> None:
-    assert t_quantile_975(31) == pytest.approx(stats.t.ppf(0.975, 31), rel=0.02)
+@pytest.mark.parametrize("df", [31, 50, 200, 10_000])
+def test_large_df_expansion_matches_scipy(df: int) -> None:
+    assert t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=2e-4)
 
 
 def test_mean_ci95_matches_scipy_interval() -> None:
