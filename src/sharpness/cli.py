@@ -145,14 +145,18 @@ def _saved_settings(run_dir: Path, kind: str) -> dict[str, Any]:
     return saved
 
 
+def _resolved_settings(args: argparse.Namespace, kind: str) -> dict[str, Any]:
+    """The settings of a new run, or of the resumed one (where only --device and --threads may change)."""
+    if "resume" not in args:
+        return _settings(args)
+    values = _saved_settings(args.resume, kind)
+    values.update({key: value for key, value in _settings(args).items() if key in ("device", "threads")})
+    return values
+
+
 def _train(args: argparse.Namespace) -> int:
     resume = "resume" in args
-    if resume:
-        values = _saved_settings(args.resume, "train")
-        values.update({k: v for k, v in _settings(args).items() if k in ("device", "threads")})
-    else:
-        values = _settings(args)
-    config = build_config(values, compare=False)
+    config = build_config(_resolved_settings(args, "train"), compare=False)
     assert isinstance(config, RunConfig)
     run_dir = args.resume if resume else _out_dir(args, config.dataset)
     bar = _progress_bar(config.epochs, _epochs_done(run_dir) if resume else 0, args.quiet)
@@ -171,12 +175,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     resume = "resume" in args
-    if resume:
-        values = _saved_settings(args.resume, "compare")
-        values.update({k: v for k, v in _settings(args).items() if k in ("device", "threads")})
-    else:
-        values = _settings(args)
-    config = build_config(values, compare=True)
+    config = build_config(_resolved_settings(args, "compare"), compare=True)
     out_dir = args.resume if resume else _out_dir(args, config.run.dataset)
     runs = list(plan_runs(config))
     done = sum(_epochs_done(out_dir / RUNS_DIR / run_label(run)) for run in runs) if resume else 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 
+from torch import nn
+
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
@@ -89,3 +91,17 @@ def as_bool(value: object, name: str, *, model: str) -> bool:
     if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
         return value.strip().lower() in _TRUE
     raise ValueError(f"{model}: {name} must be true or false, got {value!r}")
+
+
+def init_resnet_(model: nn.Module, *, zero_linear_bias: bool) -> None:
+    """The ResNet initialisation (He et al. 2015): Kaiming-normal convolutions (fan_out, ReLU gain), BatchNorm
+    weight 1 and bias 0; linear layers keep PyTorch's default, except that ``zero_linear_bias`` zeroes their
+    biases (as the WideResNet reference code does)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif zero_linear_bias and isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
