@@ -107,7 +107,7 @@ def _progress_bar(total: int, done: int, quiet: bool) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=done, unit="epoch", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, initial=done, unit="epoch", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
 
 def _epochs_done(run_dir: Path) -> int:

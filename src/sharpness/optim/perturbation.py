@@ -35,7 +35,7 @@ def dual_exponent(p: float) -> float:
     return p / (p - 1.0)
 
 
-def _global_norm(buckets: Buckets, ord: float) -> float:
+def global_norm(buckets: Buckets, ord: float) -> float:
     """``||concat(buckets)||_ord`` as a Python float, accumulated in float64 (one host sync)."""
     per_bucket = [
         torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, ord)).double(), ord) for tensors in buckets
@@ -50,14 +50,14 @@ def dual_norm(buckets: Buckets, p: float) -> float:
     underflows when ``q`` is large (``p`` close to 1).
     """
     if p == 2:
-        return _global_norm(buckets, 2.0)
+        return global_norm(buckets, 2.0)
     q = dual_exponent(p)
     if q in (1.0, math.inf):
-        return _global_norm(buckets, q)
-    h_max = _global_norm(buckets, math.inf)
+        return global_norm(buckets, q)
+    h_max = global_norm(buckets, math.inf)
     if not math.isfinite(h_max) or h_max == 0.0:
         return h_max
-    return h_max * _global_norm([torch._foreach_div(tensors, h_max) for tensors in buckets], q)
+    return h_max * global_norm([torch._foreach_div(tensors, h_max) for tensors in buckets], q)
 
 
 def unit_ascent(buckets: Buckets, p: float, h_dual_norm: float) -> tuple[list[list[Tensor]], float]:
@@ -86,7 +86,7 @@ def unit_ascent(buckets: Buckets, p: float, h_dual_norm: float) -> tuple[list[li
             directions.append(list(mask))
         return directions, 1.0 / ties
     q = dual_exponent(p)
-    h_max = _global_norm(buckets, math.inf)
+    h_max = global_norm(buckets, math.inf)
     u_q_norm = h_dual_norm / h_max
     directions = []
     for tensors in buckets:

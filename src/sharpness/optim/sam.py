@@ -18,7 +18,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from sharpness.optim.batchnorm import BatchNormStatsGuard
-from sharpness.optim.perturbation import dual_norm, unit_ascent
+from sharpness.optim.perturbation import dual_norm, global_norm, unit_ascent
+from sharpness.optim.policy import Always, Policy
+from sharpness.optim.reuse import LookSAMReuse
 from sharpness.optim.snapshot import TensorSnapshot
 
 Closure = Callable[[], Any]
@@ -91,6 +93,10 @@ class SAM(Optimizer):
             either way.
         model: if given, normalisation layers' running statistics are kept out of the perturbed pass
             automatically (see :func:`sharpness.frozen_bn`).
+        policy: whether a step takes the second pass (:mod:`sharpness.optim.policy`; default :class:`Always`,
+            plain SAM). Steps the policy declines are ERM steps: one forward/backward and the base step.
+        reuse: what an ERM step does with stored SAM information (default ``None``: the plain gradient;
+            :class:`~sharpness.optim.reuse.LookSAMReuse`: LookSAM's reuse of ``g_v``).
         **base_kwargs: passed to ``base_optimizer`` when it is a class (``lr``, ``momentum``, ...).
 
     Three equivalent ways to take a step::
@@ -136,6 +142,8 @@ class SAM(Optimizer):
         adaptive_scope: Literal["weights", "all"] = "weights",
         include_weight_decay: bool = False,
         model: nn.Module | None = None,
+        policy: Policy | None = None,
+        reuse: LookSAMReuse | None = None,
         **base_kwargs: Any,
     ) -> None:
         defaults = dict(
@@ -179,6 +187,15 @@ class SAM(Optimizer):
         self.last_grad_norm: float = math.nan
         """Dual norm ``||g||_q`` (of ``T_w g`` for ASAM) of the gradient seen by the last :meth:`first_step`,
         loss scale removed; inf/NaN if that gradient was not finite."""
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(f"SAM: policy must be a sharpness.optim.policy.Policy, got {type(policy).__name__}")
+        if reuse is not None and not isinstance(reuse, LookSAMReuse):
+            raise TypeError(f"SAM: reuse must be None or a LookSAMReuse, got {type(reuse).__name__}")
+        self.policy = policy if policy is not None else Always()
+        self.reuse = reuse
+        self._decision: bool | None = None  # the policy's answer for the current step, once asked
+        self.steps = 0  # optimizer steps taken (SAM and ERM)
+        self.sam_steps = 0  # of which SAM (two-pass) steps
 
     def _adopt_base_groups(self) -> None:
         # One set of group dicts for both objects: a scheduler or a user editing either one edits both.
@@ -265,12 +282,9 @@ class SAM(Optimizer):
             raise RuntimeError(
                 "SAM.first_step() called while the weights are already perturbed; call second_step() or restore() first"
             )
-        buckets = self._collect_buckets()
-        if not buckets:
-            raise RuntimeError(
-                "SAM.first_step(): no parameter has a gradient. Call loss.backward() before first_step(); "
-                "check that the loss depends on the optimised parameters"
-            )
+        buckets = self._require_buckets("first_step")
+        if self._decision is None:
+            self._decide(buckets)
         p = self._norm_p()
         loss_scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
         hs = [self._ascent_input(bucket, loss_scale) for bucket in buckets]
@@ -279,6 +293,8 @@ class SAM(Optimizer):
         if not math.isfinite(norm):
             self._phase = "skipped"
             return False
+        if self.reuse is not None:
+            self.reuse.save_first_gradient([b.params for b in buckets], [b.grads for b in buckets])
         if norm > 0.0:
             directions, coefficient = unit_ascent(hs, p, norm)
             snapshots = [self._snapshot_for(bucket) for bucket in buckets]
@@ -330,6 +346,14 @@ class SAM(Optimizer):
         self.restore()
         skipped = self._phase == "skipped"
         self._phase = "idle"
+        if not skipped:
+            self.sam_steps += 1
+            if self.reuse is not None:
+                buckets = self._collect_buckets()
+                self.reuse.update([b.params for b in buckets], [b.grads for b in buckets])
+        self._take_base_step(skipped, scaler, zero_grad)
+
+    def _take_base_step(self, skipped: bool, scaler: torch.amp.GradScaler | None, zero_grad: bool) -> None:
         if scaler is not None:
             if skipped:
                 self._poison_one_gradient()
@@ -338,8 +362,80 @@ class SAM(Optimizer):
             self.base_optimizer.step()
         # Tell a torch LR scheduler wrapping self.step that an optimizer step happened (it checks this flag).
         self._opt_called = True
+        self.steps += not skipped
+        self._decision = None
         if zero_grad:
             self.zero_grad()
+
+    # ------------------------------------------------------------------ policies: SAM or ERM step
+
+    def _require_buckets(self, caller: str) -> list[_Bucket]:
+        buckets = self._collect_buckets()
+        if not buckets:
+            raise RuntimeError(
+                f"SAM.{caller}(): no parameter has a gradient. Call loss.backward() first; "
+                "check that the loss depends on the optimised parameters"
+            )
+        return buckets
+
+    def _decide(self, buckets: list[_Bucket]) -> bool:
+        """Ask the policy once for this step; a non-finite gradient never reaches it (the step is skipped)."""
+        sq_norm = math.nan
+        if self.policy.needs_grad_norm:
+            sq_norm = global_norm([b.grads for b in buckets], 2.0) ** 2
+            if not math.isfinite(sq_norm):  # first_step / erm_step will skip this step
+                self._decision = False
+                return False
+        self._decision = self.policy.decide(sq_norm)
+        return self._decision
+
+    @torch.no_grad()
+    def wants_sam_step(self) -> bool:
+        """Whether this step should take the second pass, per the policy; call after the first backward.
+
+        The answer is computed once per step (the policy's state advances then) and repeated until the step is
+        taken by :meth:`second_step` or :meth:`erm_step`. Two-step usage with a policy::
+
+            loss_fn(model(x), y).backward()
+            if opt.wants_sam_step():
+                opt.first_step(zero_grad=True)
+                loss_fn(model(x), y).backward()
+                opt.second_step(zero_grad=True)
+            else:
+                opt.erm_step(zero_grad=True)
+        """
+        if self._decision is None:
+            self._decide(self._require_buckets("wants_sam_step"))
+        return bool(self._decision)
+
+    @torch.no_grad()
+    def erm_step(self, zero_grad: bool = False, *, scaler: torch.amp.GradScaler | None = None) -> None:
+        """An ERM step: the base optimizer's step on the current gradient (with the ``reuse`` rule applied).
+
+        The weights are not perturbed and no second pass is needed. A gradient that is not finite skips the
+        step, as in :meth:`first_step` (with a ``scaler``, the scaler decides and backs off its scale).
+        """
+        if self._phase == "perturbed":
+            raise RuntimeError("SAM.erm_step() called while perturbed; finish the SAM step with second_step()")
+        buckets = self._require_buckets("erm_step")
+        if self._decision is None:
+            self._decide(buckets)
+        grads = [b.grads for b in buckets]
+        finite = math.isfinite(global_norm(grads, 2.0))
+        if finite and self.reuse is not None:
+            self.reuse.apply([b.params for b in buckets], grads)
+        self._phase = "idle"
+        self._take_base_step(not finite, scaler, zero_grad)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Tell the policy the planned number of steps (for schedules of progress), unless it was given one."""
+        if self.policy.total_steps is None:
+            self.policy.set_total_steps(total_steps)
+
+    def statistics(self) -> dict[str, float]:
+        """Steps, SAM steps, SAM fraction and the policy's last figures (``s``, ``mu``, ``sigma``, ``c`` or ``p``)."""
+        fraction = self.sam_steps / self.steps if self.steps else math.nan
+        return {"steps": self.steps, "sam_steps": self.sam_steps, "sam_fraction": fraction, **self.policy.statistics()}
 
     def _poison_one_gradient(self) -> None:
         """Make sure a ``GradScaler`` skips a step SAM skipped, and backs off its scale.
@@ -381,6 +477,9 @@ class SAM(Optimizer):
             )
         closure = torch.enable_grad()(closure)
         loss = self._evaluate(closure, "first (at w)")
+        if not self.wants_sam_step():
+            self.erm_step()
+            return loss
         if self.first_step():
             try:
                 self._evaluate(closure, "second (at w + ε)")
@@ -404,13 +503,24 @@ class SAM(Optimizer):
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's full state (buffers, moments, step counts, groups with SAM's keys)."""
+        """The base optimizer's full state (buffers, moments, step counts, groups with SAM's keys), and SAM's own:
+        step counters, the policy's state (moving averages, random generator) and the reuse's ``g_v``."""
         if self._phase == "perturbed":
             raise RuntimeError(
                 "SAM.state_dict() called while the weights are perturbed; the model's weights would be saved "
                 "at w + ε. Call second_step() or restore() first"
             )
-        return {"base_optimizer": self.base_optimizer.state_dict(), "sam": {"format": 1}}
+        sam_state = {
+            "format": 1,
+            "steps": self.steps,
+            "sam_steps": self.sam_steps,
+            "policy": self.policy.state_dict(),
+            "reuse": self.reuse.state_dict(self._param_order()) if self.reuse is not None else None,
+        }
+        return {"base_optimizer": self.base_optimizer.state_dict(), "sam": sam_state}
+
+    def _param_order(self) -> list[Tensor]:
+        return [param for group in self.param_groups for param in group["params"]]
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict` (the base optimizer's state and every group's SAM keys)."""
@@ -423,8 +533,17 @@ class SAM(Optimizer):
             )
         if self._phase == "perturbed":
             raise RuntimeError("SAM.load_state_dict() called while perturbed; call restore() first")
+        sam_state = state_dict["sam"]
+        if (sam_state.get("reuse") is None) != (self.reuse is None):
+            raise ValueError("SAM.load_state_dict(): the state and this optimizer disagree on whether reuse is used")
         self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
         self._adopt_base_groups()
+        self.steps, self.sam_steps = sam_state.get("steps", 0), sam_state.get("sam_steps", 0)
+        if "policy" in sam_state:
+            self.policy.load_state_dict(sam_state["policy"])
+        if self.reuse is not None:
+            self.reuse.load_state_dict(sam_state["reuse"], self._param_order())
+        self._decision = None
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)

@@ -1,0 +1,90 @@
+"""Named members of the SAM family, each a composition of :class:`SAM` with a policy and a reuse rule.
+
+=================  ==============================  =====================  ==========================================
+preset             policy                          reuse                  reference
+=================  ==============================  =====================  ==========================================
+``PeriodicSAM``    ``EveryK(k)``                   none                   SAM every k-th step
+``RandomSAM``      ``Bernoulli(p)``                none                   SS-SAM / RST (Zhao et al., 2022)
+``LookSAM``        ``EveryK(k)``                   ``LookSAMReuse(α)``    Liu et al., CVPR 2022 (k = 5, α = 0.7)
+``AESAM``          ``Adaptive(δ, λ₁, λ₂, T)``      none                   Jiang et al., ICLR 2023
+``AELookSAM``      ``Adaptive(δ, λ₁, λ₂, T)``      ``LookSAMReuse(α)``    Jiang et al., ICLR 2023
+=================  ==============================  =====================  ==========================================
+
+Each takes the arguments of :class:`SAM` (``params, base_optimizer, rho, ...``, base optimizer keywords) plus its
+own, and returns a :class:`SAM`. ``total_steps`` may be left ``None`` when training with
+:class:`sharpness.train.Trainer`, which sets it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sharpness.optim.policy import Adaptive, Bernoulli, EveryK
+from sharpness.optim.reuse import LookSAMReuse
+from sharpness.optim.sam import SAM
+
+
+def PeriodicSAM(params: Any, base_optimizer: Any, rho: float = 0.05, *, k: int = 2, **kwargs: Any) -> SAM:  # noqa: N802
+    """SAM on every ``k``-th step (the first step included), plain ERM steps in between."""
+    return SAM(params, base_optimizer, rho, policy=EveryK(k), **kwargs)
+
+
+def RandomSAM(  # noqa: N802
+    params: Any,
+    base_optimizer: Any,
+    rho: float = 0.05,
+    *,
+    p: float | Callable[[float], float] = 0.5,
+    seed: int = 0,
+    **kwargs: Any,
+) -> SAM:
+    """SAM with probability ``p`` per step (or ``p(t/T)``, a schedule of training progress)."""
+    return SAM(params, base_optimizer, rho, policy=Bernoulli(p, seed=seed), **kwargs)
+
+
+def LookSAM(  # noqa: N802
+    params: Any,
+    base_optimizer: Any,
+    rho: float = 0.05,
+    *,
+    k: int = 5,
+    alpha: float = 0.7,
+    per_tensor: bool = False,
+    **kwargs: Any,
+) -> SAM:
+    """SAM every ``k`` steps; the steps between add ``α ||g|| g_v/||g_v||`` (LookSAM's reuse)."""
+    return SAM(params, base_optimizer, rho, policy=EveryK(k), reuse=LookSAMReuse(alpha, per_tensor), **kwargs)
+
+
+def AESAM(  # noqa: N802
+    params: Any,
+    base_optimizer: Any,
+    rho: float = 0.05,
+    *,
+    delta: float = 0.9,
+    lambda1: float = -1.0,
+    lambda2: float = 1.0,
+    total_steps: int | None = None,
+    **kwargs: Any,
+) -> SAM:
+    """SAM where ``||g_t||²`` is high relative to its moving mean and deviation (AE-SAM's adaptive rule)."""
+    return SAM(params, base_optimizer, rho, policy=Adaptive(delta, lambda1, lambda2, total_steps), **kwargs)
+
+
+def AELookSAM(  # noqa: N802
+    params: Any,
+    base_optimizer: Any,
+    rho: float = 0.05,
+    *,
+    delta: float = 0.9,
+    lambda1: float = -1.0,
+    lambda2: float = 1.0,
+    total_steps: int | None = None,
+    alpha: float = 0.7,
+    per_tensor: bool = False,
+    **kwargs: Any,
+) -> SAM:
+    """AE-SAM's adaptive policy with LookSAM's reuse on the ERM steps (``g_v`` refreshed on every SAM step)."""
+    policy = Adaptive(delta, lambda1, lambda2, total_steps)
+    return SAM(params, base_optimizer, rho, policy=policy, reuse=LookSAMReuse(alpha, per_tensor), **kwargs)
