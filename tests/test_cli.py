@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -197,3 +198,26 @@ def test_diverging_run_stops_with_a_message_naming_the_checkpoint(
     err = capsys.readouterr().err
     assert "training stopped: the training loss became" in err
     assert str(out / "checkpoint.pt") in err or "no epoch had completed" in err
+
+
+def test_efficient_sam_variants_from_the_cli(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    names = "sgd,periodicsam,randomsam,looksam,aesam,aelooksam"
+    args = ["compare", *TINY, "--seeds", "1", "--optimizers", names, "--k", "3", "--sam-prob", "0.25"]
+    assert main([*args, "--alpha", "0.3", "--out", str(out)]) == 0
+    rows = {row["optimizer"]: row for row in json.loads((out / "summary.json").read_text())["rows"]}
+    steps = json.loads((out / "runs" / "sgd-seed0" / "final.json").read_text())["steps"]
+    for name, row in rows.items():
+        # every SAM step costs two passes and every ERM step one, counted through the closure calls
+        assert row["passes_per_step_mean"] == pytest.approx(1 + row["sam_fraction_mean"]), name
+    assert rows["periodicsam"]["sam_fraction_mean"] == pytest.approx(math.ceil(steps / 3) / steps)
+    assert rows["looksam"]["sam_fraction_mean"] == rows["periodicsam"]["sam_fraction_mean"]
+    for name in ("randomsam", "aesam", "aelooksam"):
+        assert 0 < rows[name]["sam_fraction_mean"] < 1, name
+    last = json.loads((out / "runs" / "aesam-rho0.05-seed0" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"policy_s", "policy_mu", "policy_sigma", "policy_c"} <= set(last)
+    assert last["policy_c"] == pytest.approx(-1.0, abs=0.1)  # c_t has moved from λ2 = 1 to λ1 = -1
+    last = json.loads((out / "runs" / "randomsam-rho0.05-seed0" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["policy_p"] == 0.25
+    saved = json.loads((out / "runs" / "looksam-rho0.05-seed0" / "config.json").read_text())
+    assert (saved["k"], saved["alpha"]) == (3, 0.3)

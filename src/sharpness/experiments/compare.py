@@ -166,7 +166,9 @@ def format_table(summary: dict[str, Any]) -> str:
     classification = summary["task"] == "classification"
     header = ["optimizer", "rho", "epochs", "seeds"]
     header += ["test acc % (95% CI)"] if classification else ["test loss (95% CI)"]
-    header += ["train loss", "gap" + (" (pts)" if classification else ""), "wall-clock s", "SAM frac", "passes/step"]
+    header += ["train loss", "gap" + (" (pts)" if classification else ""), "wall-clock s", "× SGD", "SAM frac"]
+    header += ["passes/step"]
+    sgd_seconds = next((r["train_seconds_mean"] for r in summary["rows"] if r["optimizer"] == "sgd"), None)
     lines = []
     for row in summary["rows"]:
         if classification:
@@ -185,6 +187,7 @@ def format_table(summary: dict[str, Any]) -> str:
                 f"{row['train_loss_mean']:.4f}",
                 gap,
                 f"{row['train_seconds_mean']:.1f}",
+                f"{row['train_seconds_mean'] / sgd_seconds:.2f}" if sgd_seconds else "-",
                 f"{row['sam_fraction_mean']:.2f}",
                 f"{row['passes_per_step_mean']:.2f}",
             ]

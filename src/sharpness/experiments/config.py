@@ -59,6 +59,13 @@ class RunConfig:
     device: str = "cpu"
     threads: int | None = None  # torch.set_num_threads; None leaves torch's default
     checkpoint_every: int = 1
+    # options of the efficient SAM variants (see sharpness.optim.registry.build_optimizer)
+    k: int | None = None  # periodicsam / looksam: SAM every k steps (defaults 2 / 5)
+    sam_prob: float = 0.5  # randomsam: probability of a SAM step
+    alpha: float = 0.7  # looksam / aelooksam: weight of the reused g_v
+    delta: float = 0.9  # aesam / aelooksam: EMA factor
+    lambda1: float = -1.0  # aesam / aelooksam: threshold c_t at the end of training
+    lambda2: float = 1.0  # aesam / aelooksam: threshold c_t at the start
 
     @property
     def model_name(self) -> str:
@@ -85,6 +92,13 @@ class RunConfig:
         _number("weight_decay", self.weight_decay, low=0.0)
         _number("label_noise", self.label_noise, low=0.0, high=1.0, high_open=True)
         _number("val_split", self.val_split, low=0.0, high=1.0, high_open=True)
+        if self.k is not None:
+            _integer("k", self.k, minimum=1)
+        _number("sam_prob", self.sam_prob, low=0.0, high=1.0)
+        _number("alpha", self.alpha, low=0.0)
+        _number("delta", self.delta, low=0.0, high=1.0, high_open=True)
+        _number("lambda1", self.lambda1, low=-math.inf)
+        _number("lambda2", self.lambda2, low=-math.inf)
         if self.dataset.startswith("cifar") and not self.data_dir:
             raise ConfigError(
                 f"dataset {self.dataset!r} is read from a local folder: pass --data-dir DIR (the folder with the "

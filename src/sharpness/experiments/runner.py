@@ -55,6 +55,13 @@ def build_trainer(config: RunConfig, data: Dataset, callbacks: Sequence[Callback
         momentum=config.momentum,
         weight_decay=config.weight_decay,
         rho=config.rho,
+        k=config.k,
+        sam_prob=config.sam_prob,
+        alpha=config.alpha,
+        delta=config.delta,
+        lambda1=config.lambda1,
+        lambda2=config.lambda2,
+        seed=config.seed,
     )
     scheduler = None
     if config.schedule == "cosine":

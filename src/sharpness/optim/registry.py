@@ -5,55 +5,25 @@ Every name builds on SGD with momentum (the base of the SAM paper's experiments)
 - ``sgd``: ``torch.optim.SGD``;
 - ``adam``: ``torch.optim.AdamW`` (decoupled weight decay);
 - ``sam``: :class:`~sharpness.optim.SAM` around SGD (Foret et al., 2021);
-- ``asam``: :class:`~sharpness.optim.SAM` with ``adaptive=True`` around SGD (Kwon et al., 2021).
+- ``asam``: :class:`~sharpness.optim.SAM` with ``adaptive=True`` around SGD (Kwon et al., 2021);
+- ``periodicsam``, ``randomsam``, ``looksam``, ``aesam``, ``aelooksam``: the presets of
+  :mod:`sharpness.optim.presets` around SGD.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from sharpness.optim.presets import AESAM, AELookSAM, LookSAM, PeriodicSAM, RandomSAM
 from sharpness.optim.sam import SAM
 
-OPTIMIZERS = ("sgd", "adam", "sam", "asam")
-SAM_FAMILY = ("sam", "asam")
-"""Names whose steps take a second (perturbed) pass; they take ``rho``."""
-
-
-def _sgd(params, *, lr: float, momentum: float, weight_decay: float, **_: Any) -> Optimizer:
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
-def _adam(params, *, lr: float, weight_decay: float, **_: Any) -> Optimizer:
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def _sam(adaptive: bool) -> Callable[..., Optimizer]:
-    def build(params, *, lr: float, momentum: float, weight_decay: float, rho: float, model: nn.Module) -> Optimizer:
-        return SAM(
-            params,
-            torch.optim.SGD,
-            rho=rho,
-            adaptive=adaptive,
-            model=model,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-        )
-
-    return build
-
-
-_BUILDERS: dict[str, Callable[..., Optimizer]] = {
-    "sgd": _sgd,
-    "adam": _adam,
-    "sam": _sam(adaptive=False),
-    "asam": _sam(adaptive=True),
-}
+SAM_FAMILY = ("sam", "asam", "periodicsam", "randomsam", "looksam", "aesam", "aelooksam")
+"""Names whose steps may take a second (perturbed) pass; they take ``rho``."""
+OPTIMIZERS = ("sgd", "adam", *SAM_FAMILY)
+PRESET_DEFAULT_K = {"periodicsam": 2, "looksam": 5}
+"""SAM every k steps when ``k`` is not given."""
 
 
 def build_optimizer(
@@ -64,14 +34,44 @@ def build_optimizer(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     rho: float = 0.05,
+    k: int | None = None,
+    sam_prob: float = 0.5,
+    alpha: float = 0.7,
+    delta: float = 0.9,
+    lambda1: float = -1.0,
+    lambda2: float = 1.0,
+    seed: int = 0,
 ) -> Optimizer:
     """The optimizer ``name`` (one of :data:`OPTIMIZERS`) over all of ``model``'s parameters.
 
-    SAM-family optimizers get ``model`` so that BatchNorm statistics stay out of their perturbed pass.
+    SAM-family optimizers get ``model`` so that BatchNorm statistics stay out of their perturbed pass. Their
+    options: ``k`` (periodicsam, looksam: SAM every k steps; defaults 2 and 5), ``sam_prob`` (randomsam),
+    ``alpha`` (looksam, aelooksam: LookSAM's reuse weight), ``delta``, ``lambda1``, ``lambda2`` (aesam,
+    aelooksam), ``seed`` (randomsam's draws). Adaptive policies get their ``total_steps`` from the training loop.
     """
     key = name.lower()
-    if key not in _BUILDERS:
+    if key not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}")
     if not lr > 0:
         raise ValueError(f"the learning rate must be > 0, got {lr}")
-    return _BUILDERS[key](model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, rho=rho, model=model)
+    if key == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if key == "adam":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sgd = torch.optim.SGD
+    common = dict(model=model, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    params = model.parameters()
+    adaptive = dict(delta=delta, lambda1=lambda1, lambda2=lambda2)
+    if key == "sam":
+        return SAM(params, sgd, rho, **common)
+    if key == "asam":
+        return SAM(params, sgd, rho, adaptive=True, **common)
+    if key == "periodicsam":
+        return PeriodicSAM(params, sgd, rho, k=k or PRESET_DEFAULT_K[key], **common)
+    if key == "randomsam":
+        return RandomSAM(params, sgd, rho, p=sam_prob, seed=seed, **common)
+    if key == "looksam":
+        return LookSAM(params, sgd, rho, k=k or PRESET_DEFAULT_K[key], alpha=alpha, **common)
+    if key == "aesam":
+        return AESAM(params, sgd, rho, **adaptive, **common)
+    return AELookSAM(params, sgd, rho, alpha=alpha, **adaptive, **common)

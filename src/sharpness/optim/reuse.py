@@ -38,24 +38,18 @@ class LookSAMReuse:
 
     def save_first_gradient(self, params: Buckets, grads: Buckets) -> None:
         """Keep ``g`` of a SAM step (the first pass's gradient is zeroed before the second pass)."""
-        self._first = {p: g.detach().clone() for ps, gs in zip(params, grads, strict=True) for p, g in zip(ps, gs)}
+        self._first = {p: g.detach().clone() for p, g in _pairs(params, grads)}
 
     @torch.no_grad()
     def update(self, params: Buckets, sam_grads: Buckets) -> None:
         """After a SAM step's second pass: ``g_v = g_s - (<g_s, g>/||g||²) g`` from the saved ``g``."""
-        pairs = [
-            [(p, g_s) for p, g_s in zip(ps, gs) if p in self._first] for ps, gs in zip(params, sam_grads, strict=True)
-        ]
-        pairs = [bucket for bucket in pairs if bucket]
-        g_s = [[g for _, g in bucket] for bucket in pairs]
-        g = [[self._first[p] for p, _ in bucket] for bucket in pairs]
-        dot = _global_dot(g_s, g)
-        g_norm_sq = global_norm(g, 2.0) ** 2
-        coefficient = dot / g_norm_sq if g_norm_sq > 0 else 0.0
+        keys, g_s, g = _matched(params, sam_grads, self._first)
+        g_norm_sq = global_norm(g, 2.0) ** 2 if g else 0.0
+        coefficient = _global_dot(g_s, g) / g_norm_sq if g_norm_sq > 0 else 0.0
         self.g_v = {}
-        for bucket, gs_bucket, g_bucket in zip(pairs, g_s, g, strict=True):
+        for bucket_keys, gs_bucket, g_bucket in zip(keys, g_s, g, strict=True):
             g_v = torch._foreach_add(gs_bucket, g_bucket, alpha=-coefficient)
-            self.g_v.update({p: v for (p, _), v in zip(bucket, g_v)})
+            self.g_v.update(zip(bucket_keys, g_v, strict=True))
         self._first = {}
 
     @torch.no_grad()
@@ -63,24 +57,22 @@ class LookSAMReuse:
         """On an ERM step, in place: ``g += α (||g|| / ||g_v||) g_v`` (a no-op before the first SAM step)."""
         if not self.g_v or self.alpha == 0.0:
             return
-        pairs = [[(g, self.g_v[p]) for p, g in zip(ps, gs) if p in self.g_v] for ps, gs in zip(params, grads)]
-        grads_b = [[g for g, _ in bucket] for bucket in pairs if bucket]
-        g_v_b = [[v for _, v in bucket] for bucket in pairs if bucket]
-        if not grads_b:
+        _, g, g_v = _matched(params, grads, self.g_v)
+        if not g:
             return
         if self.per_tensor:
-            for g_list, v_list in zip(grads_b, g_v_b, strict=True):
-                ratio = torch._foreach_div(
-                    torch._foreach_norm(g_list), torch._foreach_add(torch._foreach_norm(v_list), 1e-30)
-                )
-                torch._foreach_mul_(ratio, self.alpha)
-                torch._foreach_add_(g_list, torch._foreach_mul(v_list, ratio))
+            for g_list, v_list in zip(g, g_v, strict=True):
+                v_norms = torch._foreach_norm(v_list)
+                torch._foreach_clamp_min_(v_norms, torch.finfo(v_norms[0].dtype).tiny)  # g_v = 0 adds nothing
+                ratios = torch._foreach_div(torch._foreach_norm(g_list), v_norms)
+                torch._foreach_mul_(ratios, self.alpha)
+                torch._foreach_add_(g_list, torch._foreach_mul(v_list, ratios))
             return
-        v_norm = global_norm(g_v_b, 2.0)
+        v_norm = global_norm(g_v, 2.0)
         if v_norm == 0.0:
             return
-        scale = self.alpha * global_norm(grads_b, 2.0) / v_norm
-        for g_list, v_list in zip(grads_b, g_v_b, strict=True):
+        scale = self.alpha * global_norm(g, 2.0) / v_norm
+        for g_list, v_list in zip(g, g_v, strict=True):
             torch._foreach_add_(g_list, v_list, alpha=scale)
 
     def state_dict(self, param_order: list[Tensor]) -> dict[str, Any]:
@@ -94,6 +86,24 @@ class LookSAMReuse:
 
     def __repr__(self) -> str:
         return f"LookSAMReuse(alpha={self.alpha}, per_tensor={self.per_tensor})"
+
+
+def _pairs(params: Buckets, grads: Buckets) -> list[tuple[Tensor, Tensor]]:
+    return [pair for ps, gs in zip(params, grads, strict=True) for pair in zip(ps, gs, strict=True)]
+
+
+def _matched(
+    params: Buckets, grads: Buckets, stored: dict[Tensor, Tensor]
+) -> tuple[list[list[Tensor]], list[list[Tensor]], list[list[Tensor]]]:
+    """Per bucket, the parameters that have a ``stored`` tensor, their gradients and the stored tensors."""
+    keys, matched_grads, matched_stored = [], [], []
+    for ps, gs in zip(params, grads, strict=True):
+        bucket = [(p, g) for p, g in zip(ps, gs, strict=True) if p in stored]
+        if bucket:
+            keys.append([p for p, _ in bucket])
+            matched_grads.append([g for _, g in bucket])
+            matched_stored.append([stored[p] for p, _ in bucket])
+    return keys, matched_grads, matched_stored
 
 
 def _global_dot(a: Buckets, b: Buckets) -> float:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from sharpness.data import Dataset, iterate_batches
+from sharpness.data import Dataset, iterate_batches, num_batches
 from sharpness.train.callbacks import Callback
 
 _SEED_OFFSET_AUGMENT = 1_000_003  # a second, unrelated stream for augmentation
@@ -117,6 +117,9 @@ class Trainer:
 
     def fit(self) -> TrainState:
         """Train until ``epochs`` epochs are completed (continuing a resumed run); returns the state."""
+        set_total_steps = getattr(self.optimizer, "set_total_steps", None)
+        if set_total_steps is not None:  # policies with schedules of progress t/T (AE-SAM, scheduled RandomSAM)
+            set_total_steps(self.epochs * num_batches(len(self.data.y_train), self.batch_size))
         for callback in self.callbacks:
             callback.on_train_start(self)
         while self.state.epoch < self.epochs:
@@ -220,6 +223,10 @@ class Trainer:
         for split, x, y in splits:
             for key, value in self.evaluate(x, y).items():
                 record[f"{split}_{key}"] = value
+        statistics = getattr(self.optimizer, "statistics", None)
+        if statistics is not None:  # the policy's last figures: s, mu, sigma, c (AE-SAM) or p (RandomSAM)
+            counted = ("steps", "sam_steps", "sam_fraction")
+            record.update({f"policy_{k}": v for k, v in statistics().items() if k not in counted})
         record.update(
             passes=state.passes,
             sam_steps=state.multi_pass_steps,
