@@ -282,3 +282,25 @@ def test_reuse_before_any_sam_step_is_plain_erm() -> None:
     _train(model, opt, _batches(1))
     _train(reference, base, _batches(1))
     assert _same(model, reference)
+
+
+def test_an_aborted_step_is_decided_afresh_next_time() -> None:
+    """An exception in the second pass abandons the step: the next step asks the policy again."""
+    model = _mlp()
+    opt = AESAM(model.parameters(), torch.optim.SGD, rho=0.1, total_steps=10, **BASE)
+    (x, y), (x2, y2) = _batches(2)
+    calls = []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("second pass failed")
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError):
+        opt.step(failing)  # step 0 of AE-SAM is a SAM step (init="first")
+    assert opt.policy.step == 1 and not opt.is_perturbed and opt.statistics()["steps"] == 0
+    _train(model, opt, [(x2, y2)])
+    assert opt.policy.step == 2 and opt.statistics()["steps"] == 1

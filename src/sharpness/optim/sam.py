@@ -460,8 +460,16 @@ class SAM(Optimizer):
         applied = self.first_step(zero_grad=zero_grad, scaler=scaler)
         try:
             yield applied
-        finally:
-            self.restore()
+        except BaseException:
+            self._abandon_step()
+            raise
+        self.restore()
+
+    def _abandon_step(self) -> None:
+        """After an exception in the perturbed pass: weights restored, no base step, next step decided afresh."""
+        self.restore()
+        self._phase = "idle"
+        self._decision = None
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
@@ -483,8 +491,10 @@ class SAM(Optimizer):
         if self.first_step():
             try:
                 self._evaluate(closure, "second (at w + ε)")
-            finally:
-                self.restore()
+            except BaseException:
+                self._abandon_step()
+                raise
+            self.restore()
         self.second_step()
         return loss
 
