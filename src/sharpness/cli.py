@@ -59,7 +59,7 @@ def _run_flags(parser: argparse.ArgumentParser, *, single: bool) -> None:
     add("--checkpoint-every", type=int, help="write checkpoint.pt every N epochs (default 1)")
     add("--k", type=int, help="periodicsam/looksam: SAM every k steps (default 2 / 5)")
     add("--sam-prob", type=float, help="randomsam: probability of a SAM step (default 0.5)")
-    add("--alpha", type=float, help="looksam/aelooksam: LookSAM's reuse weight (default 0.7)")
+    add("--alpha", type=float, help="looksam/aelooksam: LookSAM's reuse weight (default 0.3)")
     add("--delta", type=float, help="aesam/aelooksam: EMA factor of ||g||² statistics (default 0.9)")
     add("--lambda1", type=float, help="aesam/aelooksam: threshold c_t at the end of training (default -1)")
     add("--lambda2", type=float, help="aesam/aelooksam: threshold c_t at the start of training (default 1)")

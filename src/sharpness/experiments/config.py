@@ -62,7 +62,7 @@ class RunConfig:
     # options of the efficient SAM variants (see sharpness.optim.registry.build_optimizer)
     k: int | None = None  # periodicsam / looksam: SAM every k steps (defaults 2 / 5)
     sam_prob: float = 0.5  # randomsam: probability of a SAM step
-    alpha: float = 0.7  # looksam / aelooksam: weight of the reused g_v
+    alpha: float = 0.3  # looksam / aelooksam: weight of the reused g_v (the paper's 0.7 collapses training here)
     delta: float = 0.9  # aesam / aelooksam: EMA factor
     lambda1: float = -1.0  # aesam / aelooksam: threshold c_t at the end of training
     lambda2: float = 1.0  # aesam / aelooksam: threshold c_t at the start
