@@ -194,6 +194,7 @@ class SAM(Optimizer):
         self.policy = policy if policy is not None else Always()
         self.reuse = reuse
         self._decision: bool | None = None  # the policy's answer for the current step, once asked
+        self._sq_grad_norm: float | None = None  # ||g||² of the current step, if the policy needed it
         self.steps = 0  # optimizer steps taken (SAM and ERM)
         self.sam_steps = 0  # of which SAM (two-pass) steps
 
@@ -363,7 +364,7 @@ class SAM(Optimizer):
         # Tell a torch LR scheduler wrapping self.step that an optimizer step happened (it checks this flag).
         self._opt_called = True
         self.steps += not skipped
-        self._decision = None
+        self._decision = self._sq_grad_norm = None
         if zero_grad:
             self.zero_grad()
 
@@ -380,13 +381,12 @@ class SAM(Optimizer):
 
     def _decide(self, buckets: list[_Bucket]) -> bool:
         """Ask the policy once for this step; a non-finite gradient never reaches it (the step is skipped)."""
-        sq_norm = math.nan
         if self.policy.needs_grad_norm:
-            sq_norm = global_norm([b.grads for b in buckets], 2.0) ** 2
-            if not math.isfinite(sq_norm):  # first_step / erm_step will skip this step
+            self._sq_grad_norm = global_norm([b.grads for b in buckets], 2.0) ** 2
+            if not math.isfinite(self._sq_grad_norm):  # first_step / erm_step will skip this step
                 self._decision = False
                 return False
-        self._decision = self.policy.decide(sq_norm)
+        self._decision = self.policy.decide(math.nan if self._sq_grad_norm is None else self._sq_grad_norm)
         return self._decision
 
     @torch.no_grad()
@@ -421,7 +421,8 @@ class SAM(Optimizer):
         if self._decision is None:
             self._decide(buckets)
         grads = [b.grads for b in buckets]
-        finite = math.isfinite(global_norm(grads, 2.0))
+        sq_norm = self._sq_grad_norm if self._sq_grad_norm is not None else global_norm(grads, 2.0) ** 2
+        finite = math.isfinite(sq_norm)
         if finite and self.reuse is not None:
             self.reuse.apply([b.params for b in buckets], grads)
         self._phase = "idle"
@@ -469,7 +470,7 @@ class SAM(Optimizer):
         """After an exception in the perturbed pass: weights restored, no base step, next step decided afresh."""
         self.restore()
         self._phase = "idle"
-        self._decision = None
+        self._decision = self._sq_grad_norm = None
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
@@ -553,7 +554,7 @@ class SAM(Optimizer):
             self.policy.load_state_dict(sam_state["policy"])
         if self.reuse is not None:
             self.reuse.load_state_dict(sam_state["reuse"], self._param_order())
-        self._decision = None
+        self._decision = self._sq_grad_norm = None
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
