@@ -1,36 +1,11 @@
-"""sharpness: sharpness-aware training (the SAM optimizer family) and sharpness analysis for PyTorch."""
+"""sharpness: sharpness-aware training (the SAM optimizer family) and sharpness analysis for PyTorch.
 
-from sharpness.optim import (
-    AESAM,
-    SAM,
-    Adaptive,
-    AELookSAM,
-    Always,
-    BatchNormStatsGuard,
-    Bernoulli,
-    EveryK,
-    LookSAM,
-    LookSAMReuse,
-    PeriodicSAM,
-    RandomSAM,
-    frozen_bn,
-)
+The top level re-exports :mod:`sharpness.optim` (``SAM``, the presets, policies, reuse and ``frozen_bn``).
+"""
+
+from sharpness.optim import *  # noqa: F403
+from sharpness.optim import __all__ as _optim_all
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AELookSAM",
-    "AESAM",
-    "Adaptive",
-    "Always",
-    "BatchNormStatsGuard",
-    "Bernoulli",
-    "EveryK",
-    "LookSAM",
-    "LookSAMReuse",
-    "PeriodicSAM",
-    "RandomSAM",
-    "SAM",
-    "__version__",
-    "frozen_bn",
-]
+__all__ = [*_optim_all, "__version__"]
