@@ -3,8 +3,8 @@
 MNIST-1D (Greydanus, "Scaling down Deep Learning", 2020, arXiv 2011.14439) is a small stand-in for MNIST:
 each example is a 1-D signal of 40 values, made from one of 10 hand-designed templates (the class, 0-9)
 by random padding, translation, scaling, shear, correlated noise and i.i.d. noise. It trains in seconds on a
-CPU, yet separates model families and optimizers far better than MNIST does (a linear model reaches about 30 %
-test accuracy, a small MLP about 70 %, a small CNN above 90 %).
+CPU, yet separates model families and optimizers far better than MNIST does (the paper reports roughly 30 % test
+accuracy for a linear model, 70 % for a small MLP and above 90 % for a small CNN).
 
 :func:`load_mnist1d` builds the data set with the reference generator of the ``mnist1d`` package
 (``mnist1d.data.make_dataset``) with that package's default transformation settings, so with the default

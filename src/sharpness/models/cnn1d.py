@@ -1,8 +1,8 @@
 """The MNIST-1D convolutional network.
 
 Reference: Greydanus, "Scaling down Deep Learning" (2020, arXiv 2011.14439), the ``ConvBase`` model of the
-``mnist1d`` repository (there with 25 channels; here ``channels=32`` by default). It reaches about 95 % test
-accuracy on MNIST-1D. Architecture, for ``C`` channels::
+``mnist1d`` repository (there with 25 channels; here ``channels=32`` by default). With SGD it reaches 94.1–94.6 %
+mean test accuracy on MNIST-1D (``sharpness compare``, README). Architecture, for ``C`` channels::
 
     Conv1d(in_ch -> C, kernel 5, stride 2, padding 1), ReLU
     Conv1d(C -> C,     kernel 3, stride 2, padding 1), ReLU
