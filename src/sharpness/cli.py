@@ -57,6 +57,7 @@ def _run_flags(parser: argparse.ArgumentParser, *, single: bool) -> None:
     add("--device", help="cpu (default) or cuda[:N]")
     add("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     add("--checkpoint-every", type=int, help="write checkpoint.pt every N epochs (default 1)")
+    add("--track-sharpness-every", type=int, help="every N steps: λ_max (Lanczos), ||g|| and the stability edge")
     add("--k", type=int, help="periodicsam/looksam: SAM every k steps (default 2 / 5)")
     add("--sam-prob", type=float, help="randomsam: probability of a SAM step (default 0.5)")
     add("--alpha", type=float, help="looksam/aelooksam: LookSAM's reuse weight (default 0.3)")

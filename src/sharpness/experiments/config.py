@@ -66,6 +66,7 @@ class RunConfig:
     delta: float = 0.9  # aesam / aelooksam: EMA factor
     lambda1: float = -1.0  # aesam / aelooksam: threshold c_t at the end of training
     lambda2: float = 1.0  # aesam / aelooksam: threshold c_t at the start
+    track_sharpness_every: int | None = None  # measure λ_max, ||g|| and the stability edge every N steps
 
     @property
     def model_name(self) -> str:
@@ -94,6 +95,8 @@ class RunConfig:
         _number("val_split", self.val_split, low=0.0, high=1.0, high_open=True)
         if self.k is not None:
             _integer("k", self.k, minimum=1)
+        if self.track_sharpness_every is not None:
+            _integer("track_sharpness_every", self.track_sharpness_every, minimum=1)
         _number("sam_prob", self.sam_prob, low=0.0, high=1.0)
         _number("alpha", self.alpha, low=0.0)
         _number("delta", self.delta, low=0.0, high=1.0, high_open=True)

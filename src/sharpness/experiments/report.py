@@ -11,12 +11,24 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sharpness.curvature.tracking import TRACKING_NAME
 from sharpness.experiments.compare import RUNS_DIR, SUMMARY_NAME, format_table, summarize
 from sharpness.experiments.config import DEFAULT_MODELS
 from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME
 from sharpness.train import write_json
 
-FIGURE_NAME, REPORT_NAME = "curves.png", "report.html"
+FIGURE_NAME, REPORT_NAME, SHARPNESS_FIGURE = "curves.png", "report.html", "sharpness.png"
+
+
+def _sharpness_section(tracked: bool) -> list[str]:
+    if not tracked:
+        return []
+    return [
+        "<h2>Sharpness</h2>",
+        "<p>Top Hessian eigenvalue of the training loss on a fixed measurement set (Lanczos, warm-started) and the "
+        "stability edge of the optimizer: 2/η for SGD, the SAM-edge ηλ(1 + ρλ/||g||) = 2 for SAM.</p>",
+        f'<img src="{SHARPNESS_FIGURE}" alt="sharpness" width="100%">',
+    ]
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -96,6 +108,11 @@ def _compare_report(out_dir: Path) -> list[Path]:
     run = summary["config"]["run"]
     title = f"{run['dataset']} / {run['model'] or DEFAULT_MODELS[run['dataset']]}"
     _curves_figure(series, out_dir / FIGURE_NAME, title)
+    first_runs = {
+        label: out_dir / RUNS_DIR / row["runs"][0] / TRACKING_NAME
+        for label, row in zip(series, summary["rows"], strict=True)
+    }
+    tracked = _sharpness_figure(first_runs, out_dir / SHARPNESS_FIGURE, f"{title}: sharpness (first seed)")
     body = [
         f"<h1>sharpness compare: {html.escape(title)}</h1>",
         "<h2>Summary</h2>",
@@ -104,6 +121,7 @@ def _compare_report(out_dir: Path) -> list[Path]:
         "(eval mode, on the training labels). Wall-clock: training steps only. SAM frac: fraction of steps "
         "that took a second pass.</p>",
         f'<img src="{FIGURE_NAME}" alt="learning curves" width="100%">',
+        *_sharpness_section(tracked),
         "<h2>Runs</h2>",
         _runs_table(out_dir),
         "<h2>Configuration</h2>",
@@ -116,6 +134,7 @@ def _train_report(run_dir: Path) -> list[Path]:
     config = json.loads((run_dir / CONFIG_NAME).read_text())
     title = f"{config['dataset']} / {config['model'] or DEFAULT_MODELS[config['dataset']]} / {config['optimizer']}"
     _curves_figure({config["optimizer"]: [read_metrics(run_dir)]}, run_dir / FIGURE_NAME, title)
+    tracked = _sharpness_figure({config["optimizer"]: run_dir / TRACKING_NAME}, run_dir / SHARPNESS_FIGURE, title)
     final_path = run_dir / FINAL_NAME
     final = json.loads(final_path.read_text()) if final_path.is_file() else None
     body = [
@@ -123,6 +142,7 @@ def _train_report(run_dir: Path) -> list[Path]:
         "<h2>Final metrics</h2>",
         _dict_table(final) if final else "<p>The run has not finished (no final.json).</p>",
         f'<img src="{FIGURE_NAME}" alt="learning curves" width="100%">',
+        *_sharpness_section(tracked),
         "<h2>Configuration</h2>",
         _dict_table(config),
     ]
@@ -151,6 +171,31 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "-" if value is None else str(value)
+
+
+def _sharpness_figure(series: dict[str, Path], path: Path, title: str) -> bool:
+    """λ_max and the stability edge per step, one colour per run; False when no run tracked sharpness."""
+    tracked = {label: file for label, file in series.items() if file.is_file()}
+    if not tracked:
+        return False
+    plt = _pyplot()
+    fig, axis = plt.subplots(figsize=(11, 4))
+    for label, file in tracked.items():
+        rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        steps = [row["step"] for row in rows]
+        (line,) = axis.plot(steps, [row["lambda_max"] for row in rows], label=f"{label}: λ_max")
+        kind = "SAM-edge" if rows[-1]["edge_kind"] == "sam" else "2/η"
+        axis.plot(steps, [row["edge"] for row in rows], "--", color=line.get_color(), label=f"{label}: {kind}")
+    axis.set_xlabel("step")
+    axis.set_ylabel("top Hessian eigenvalue")
+    axis.set_yscale("log")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def _write_page(folder: Path, title: str, body: list[str]) -> list[Path]:

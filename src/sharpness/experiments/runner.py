@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from sharpness.curvature.tracking import SharpnessTracker
 from sharpness.data import Dataset, load_dataset, num_batches
 from sharpness.experiments.config import ConfigError, RunConfig
 from sharpness.models import build_model
@@ -105,8 +106,13 @@ def run_training(
     elif (run_dir / FINAL_NAME).exists() or (run_dir / CHECKPOINT_NAME).exists():
         raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it, or choose another --out")
     data = data if data is not None else load_data(config)
+    tracking = []
+    if config.track_sharpness_every is not None:
+        tracking = [SharpnessTracker(config.track_sharpness_every, run_dir=run_dir)]
     trainer = build_trainer(
-        config, data, [*callbacks, MetricsLogger(run_dir), Checkpointer(run_dir, every=config.checkpoint_every)]
+        config,
+        data,
+        [*callbacks, *tracking, MetricsLogger(run_dir), Checkpointer(run_dir, every=config.checkpoint_every)],
     )
     if resume:
         trainer.load_state_dict(state)

@@ -1,0 +1,45 @@
+"""Curvature of a model's loss: a matrix-free Hessian operator and estimators on top of it.
+
+- :class:`HessianOperator` (``operator.py``): ``v ↦ Hv`` on a measurement set, double-backward or
+  forward-over-reverse, with a parameter filter and an explicit eval/train mode; the model is left as found.
+- Estimators, plain functions on any symmetric operator (``linop.py``): :func:`top_eigenvalues` (Lanczos),
+  :func:`power_iteration`, :func:`hutchinson_trace`, :func:`hutchpp_trace`, :func:`frobenius_norm`,
+  :func:`spectral_density` (stochastic Lanczos quadrature), :func:`bulk_ratio`.
+- Stability edges (``edges.py``): :func:`gd_edge`, :func:`sam_edge`, :func:`sam_edge_unnormalized`,
+  :func:`sgd_frobenius_bound`.
+- Live tracking during training (``tracking.py``): :class:`SharpnessTracker`.
+"""
+
+from sharpness.curvature.density import SpectralDensity, spectral_density
+from sharpness.curvature.edges import gd_edge, sam_edge, sam_edge_unnormalized, sgd_frobenius_bound
+from sharpness.curvature.eigen import EigenResult, PowerResult, bulk_ratio, power_iteration, top_eigenvalues
+from sharpness.curvature.linop import DenseOperator, LinearOperator
+from sharpness.curvature.operator import HessianOperator, select_parameters
+from sharpness.curvature.state import measurement_mode
+from sharpness.curvature.trace import FrobeniusEstimate, TraceEstimate, frobenius_norm, hutchinson_trace, hutchpp_trace
+from sharpness.curvature.tracking import SharpnessTracker
+
+__all__ = [
+    "DenseOperator",
+    "EigenResult",
+    "FrobeniusEstimate",
+    "HessianOperator",
+    "LinearOperator",
+    "PowerResult",
+    "SharpnessTracker",
+    "SpectralDensity",
+    "TraceEstimate",
+    "bulk_ratio",
+    "frobenius_norm",
+    "gd_edge",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "measurement_mode",
+    "power_iteration",
+    "sam_edge",
+    "sam_edge_unnormalized",
+    "select_parameters",
+    "sgd_frobenius_bound",
+    "spectral_density",
+    "top_eigenvalues",
+]

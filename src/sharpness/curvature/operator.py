@@ -1,0 +1,157 @@
+"""The Hessian of a model's loss on a measurement set, as a matrix-free symmetric linear operator.
+
+``H = ∇²_w L(w)`` with ``L`` the mean per-example loss over a fixed *measurement set* (one batch, or a list of
+batches weighted by their sizes). ``H v`` is computed without forming ``H``:
+
+- ``backend="double_backward"`` (default, the robust one): ``H v = ∇_w <∇_w L, v>``, reverse-over-reverse
+  (Pearlmutter 1994);
+- ``backend="forward_over_reverse"``: ``H v = J_v(∇_w L)``, a forward-mode derivative of the gradient with
+  ``torch.func.jvp`` (often faster; needs a model whose forward runs under ``torch.func``).
+
+A parameter filter restricts ``w`` to some parameters (per-layer curvature). Every product runs under the
+measurement mode of :func:`sharpness.curvature.state.measurement_mode` and leaves the model as it was: the
+parameters and their ``.grad`` are never written, modes and buffers are restored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from sharpness.curvature.state import Mode, measurement_mode
+
+Batch = tuple[Tensor, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+ParamFilter = Callable[[str, nn.Parameter], bool] | Sequence[str] | None
+BACKENDS = ("double_backward", "forward_over_reverse")
+
+
+def select_parameters(model: nn.Module, params: ParamFilter = None) -> list[tuple[str, nn.Parameter]]:
+    """The ``(name, parameter)`` pairs a filter selects: ``None`` = all trainable parameters; a sequence of names
+    or name prefixes (``"layer1"`` selects ``layer1.weight`` and ``layer1.bias``); or a predicate ``(name, p)``."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if params is None:
+        selected = named
+    elif callable(params):
+        selected = [(name, p) for name, p in named if params(name, p)]
+    else:
+        prefixes = [params] if isinstance(params, str) else list(params)
+        unknown = [q for q in prefixes if not any(name == q or name.startswith(q + ".") for name, _ in named)]
+        if unknown:
+            raise ValueError(
+                f"parameter filter {unknown} matches no trainable parameter; names: {[n for n, _ in named]}"
+            )
+        selected = [(name, p) for name, p in named if any(name == q or name.startswith(q + ".") for q in prefixes)]
+    if not selected:
+        raise ValueError("the parameter filter selects no trainable parameter")
+    return selected
+
+
+class HessianOperator:
+    """``v ↦ H v`` for the Hessian of the mean loss of ``model`` over ``data`` w.r.t. the selected parameters.
+
+    Args:
+        model: the network (left exactly as found after every product).
+        loss_fn: ``loss_fn(outputs, targets)`` returning the MEAN loss over the batch (e.g. ``F.cross_entropy``).
+        data: one ``(x, y)`` batch or a sequence of them (the measurement set); batches are weighted by size, so
+            the operator is the Hessian of the mean per-example loss over the whole set.
+        params: parameter filter, see :func:`select_parameters`.
+        backend: ``"double_backward"`` or ``"forward_over_reverse"``.
+        mode: ``"eval"`` (default) or ``"train"``, see :func:`~sharpness.curvature.state.measurement_mode`.
+
+    Vectors are flat: the selected parameters concatenated in ``named_parameters`` order (:meth:`flatten`,
+    :meth:`unflatten`). ``num_matvecs`` counts the products taken.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Batch | Sequence[Batch],
+        *,
+        params: ParamFilter = None,
+        backend: Literal["double_backward", "forward_over_reverse"] = "double_backward",
+        mode: Mode = "eval",
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if mode not in ("eval", "train"):
+            raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+        batches = [data] if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor) else list(data)
+        if not batches:
+            raise ValueError("the measurement set is empty; pass an (x, y) batch or a list of them")
+        self.model, self.loss_fn, self.batches = model, loss_fn, batches
+        self.backend, self.mode = backend, mode
+        self.named_params = select_parameters(model, params)
+        self.params = [p for _, p in self.named_params]
+        self.dim = sum(p.numel() for p in self.params)
+        self.dtype, self.device = self.params[0].dtype, self.params[0].device
+        self._weights = [len(y) / sum(len(y) for _, y in batches) for _, y in batches]
+        self.num_matvecs = 0
+
+    # ------------------------------------------------------------------ flat vectors
+
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, vector: Tensor) -> list[Tensor]:
+        if vector.shape != (self.dim,):
+            raise ValueError(f"expected a flat vector of shape ({self.dim},), got {tuple(vector.shape)}")
+        chunks = vector.split([p.numel() for p in self.params])
+        return [chunk.view_as(p) for chunk, p in zip(chunks, self.params, strict=True)]
+
+    # ------------------------------------------------------------------ products
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H v`` for a flat ``v``."""
+        vs = self.unflatten(v.to(self.device, self.dtype))
+        product = _HVP[self.backend]
+        with measurement_mode(self.model, self.mode):
+            total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+            for (x, y), weight in zip(self.batches, self._weights, strict=True):
+                total.add_(self.flatten(product(self, x, y, vs)), alpha=weight)
+        self.num_matvecs += 1
+        return total
+
+    __matmul__ = matvec
+
+    def loss_and_gradient(self) -> tuple[float, Tensor]:
+        """The mean loss over the measurement set and its flat gradient (``.grad`` untouched)."""
+        loss_total = 0.0
+        grad_total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        with measurement_mode(self.model, self.mode):
+            for (x, y), weight in zip(self.batches, self._weights, strict=True):
+                loss = self.loss_fn(self.model(x), y)
+                grads = torch.autograd.grad(loss, self.params)
+                loss_total += weight * float(loss.detach())
+                grad_total.add_(self.flatten(grads), alpha=weight)
+        return loss_total, grad_total
+
+    def _double_backward(self, x: Tensor, y: Tensor, vs: list[Tensor]) -> tuple[Tensor, ...]:
+        with torch.enable_grad():
+            loss = self.loss_fn(self.model(x), y)
+            grads = torch.autograd.grad(loss, self.params, create_graph=True)
+            dot = sum((g * v).sum() for g, v in zip(grads, vs, strict=True))
+            return torch.autograd.grad(dot, self.params)
+
+    def _forward_over_reverse(self, x: Tensor, y: Tensor, vs: list[Tensor]) -> tuple[Tensor, ...]:
+        from torch.func import functional_call, grad, jvp
+
+        names = [name for name, _ in self.named_params]
+
+        def loss_of(weights: dict[str, Tensor]) -> Tensor:
+            return self.loss_fn(functional_call(self.model, weights, (x,)), y)
+
+        primals = {name: p.detach() for name, p in self.named_params}
+        tangents = dict(zip(names, vs, strict=True))
+        _, hv = jvp(grad(loss_of), (primals,), (tangents,))
+        return tuple(hv[name] for name in names)
+
+
+_HVP = {
+    "double_backward": HessianOperator._double_backward,
+    "forward_over_reverse": HessianOperator._forward_over_reverse,
+}

@@ -1,0 +1,170 @@
+"""The Hessian operator against the dense Hessian, and the model left exactly as found."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from sharpness.curvature.operator import HessianOperator, select_parameters
+from sharpness.curvature.state import measurement_mode
+
+F = nn.functional
+
+
+def _model(batchnorm: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 5)] + ([nn.BatchNorm1d(5)] if batchnorm else []) + [nn.Tanh(), nn.Dropout(0.5)]
+    return nn.Sequential(*layers, nn.Linear(5, 3)).double()
+
+
+def _data(n: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
+
+
+def _dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], train: bool) -> torch.Tensor:
+    """Reference: torch.autograd.functional.hessian of the loss as a function of the flat selected weights."""
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+    model.train(train)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.eval()
+
+    def loss(w: torch.Tensor) -> torch.Tensor:
+        chunks = w.split([s.numel() for s in shapes])
+        weights = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
+        buffers = {k: v.clone() for k, v in model.named_buffers()}  # leave the running statistics alone
+        return F.cross_entropy(functional_call(model, {**weights, **buffers}, (x,)), y)
+
+    return torch.autograd.functional.hessian(loss, flat)
+
+
+def _operator_matrix(op: HessianOperator) -> torch.Tensor:
+    return torch.stack([op.matvec(e) for e in torch.eye(op.dim, dtype=op.dtype)])
+
+
+@pytest.mark.parametrize("backend", ["double_backward", "forward_over_reverse"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_matvec_equals_the_dense_hessian(backend: str, mode: str) -> None:
+    model = _model()
+    x, y = _data(24, 1)
+    op = HessianOperator(model, F.cross_entropy, (x, y), backend=backend, mode=mode)
+    names = [n for n, _ in model.named_parameters()]
+    reference = _dense_hessian(_model(), x, y, names, train=mode == "train")
+    torch.testing.assert_close(_operator_matrix(op), reference, rtol=1e-10, atol=1e-12)
+    assert op.num_matvecs == op.dim
+
+
+def test_measurement_set_of_batches_is_the_mean_over_all_examples() -> None:
+    model = _model(batchnorm=False)
+    (x1, y1), (x2, y2) = _data(10, 1), _data(30, 2)
+    op = HessianOperator(model, F.cross_entropy, [(x1, y1), (x2, y2)])
+    whole = HessianOperator(model, F.cross_entropy, (torch.cat([x1, x2]), torch.cat([y1, y2])))
+    torch.testing.assert_close(_operator_matrix(op), _operator_matrix(whole), rtol=1e-10, atol=1e-12)
+    loss, grad = op.loss_and_gradient()
+    whole_loss, whole_grad = whole.loss_and_gradient()
+    assert loss == pytest.approx(whole_loss) and torch.allclose(grad, whole_grad)
+
+
+def test_parameter_filter_gives_the_diagonal_block() -> None:
+    model = _model(batchnorm=False)
+    x, y = _data(16, 3)
+    names = [n for n, _ in model.named_parameters()]
+    full = _dense_hessian(_model(batchnorm=False), x, y, names, train=False)
+    sizes = [p.numel() for p in model.parameters()]
+    start = sum(sizes[:2])  # the last layer: "3.weight", "3.bias"
+    op = HessianOperator(model, F.cross_entropy, (x, y), params=["3"])
+    assert [n for n, _ in op.named_params] == ["3.weight", "3.bias"]
+    torch.testing.assert_close(_operator_matrix(op), full[start:, start:], rtol=1e-10, atol=1e-12)
+    by_predicate = select_parameters(model, lambda name, p: p.ndim == 1)
+    assert [n for n, _ in by_predicate] == ["0.bias", "3.bias"]
+    with pytest.raises(ValueError, match="matches no trainable parameter"):
+        select_parameters(model, ["layer9"])
+
+
+def _state(model: nn.Module) -> dict:
+    return {
+        "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+        "grads": {k: None if v.grad is None else v.grad.clone() for k, v in model.named_parameters()},
+        "buffers": {k: v.clone() for k, v in model.named_buffers()},
+        "modes": [m.training for m in model.modules()],
+        "tracking": [getattr(m, "track_running_stats", None) for m in model.modules()],
+    }
+
+
+def _assert_same_state(model: nn.Module, before: dict) -> None:
+    after = _state(model)
+    for key in ("params", "buffers"):
+        for name, value in before[key].items():
+            assert torch.equal(after[key][name], value), (key, name)
+    for name, grad in before["grads"].items():
+        now = after["grads"][name]
+        assert (now is None) == (grad is None) and (grad is None or torch.equal(now, grad))
+    assert after["modes"] == before["modes"] and after["tracking"] == before["tracking"]
+
+
+@pytest.mark.parametrize("backend", ["double_backward", "forward_over_reverse"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_model_state_is_untouched(backend: str, mode: str) -> None:
+    model = _model()
+    x, y = _data(12, 4)
+    F.cross_entropy(model(x), y).backward()  # existing gradients must survive
+    model[1].eval()  # mixed modes must survive too
+    before = _state(model)
+    op = HessianOperator(model, F.cross_entropy, (x, y), backend=backend, mode=mode)
+    op.matvec(torch.ones(op.dim, dtype=torch.float64))
+    op.loss_and_gradient()
+    _assert_same_state(model, before)
+
+
+def test_model_state_is_restored_when_the_measurement_raises() -> None:
+    model = _model()
+    x, y = _data(12, 5)
+    before = _state(model)
+    calls = []
+
+    def exploding_loss(outputs, targets):
+        calls.append(1)
+        raise RuntimeError("loss failed")
+
+    op = HessianOperator(model, exploding_loss, (x, y), mode="train")
+    with pytest.raises(RuntimeError, match="loss failed"):
+        op.matvec(torch.ones(op.dim, dtype=torch.float64))
+    assert calls
+    _assert_same_state(model, before)
+
+
+def test_train_mode_keeps_dropout_off_and_eval_mode_uses_running_statistics() -> None:
+    model = _model()
+    x, y = _data(12, 6)
+    for _ in range(3):
+        model(x + 1.0)  # move the running statistics away from the batch statistics
+    model.eval()
+    eval_op = HessianOperator(model, F.cross_entropy, (x, y), mode="eval")
+    train_op = HessianOperator(model, F.cross_entropy, (x, y), mode="train")
+    v = torch.ones(eval_op.dim, dtype=torch.float64)
+    assert torch.equal(train_op.matvec(v), train_op.matvec(v))  # deterministic: dropout is off
+    assert not torch.allclose(eval_op.matvec(v), train_op.matvec(v))  # BN: running vs batch statistics
+    with measurement_mode(model, "train"):
+        assert model.training and not model[3].training
+    with pytest.raises(ValueError, match="mode"):
+        with measurement_mode(model, "inference"):  # type: ignore[arg-type]
+            pass
+
+
+def test_bad_arguments() -> None:
+    model = _model()
+    data = _data(4, 7)
+    with pytest.raises(ValueError, match="backend"):
+        HessianOperator(model, F.cross_entropy, data, backend="finite_differences")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mode"):
+        HessianOperator(model, F.cross_entropy, data, mode="test")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="empty"):
+        HessianOperator(model, F.cross_entropy, [])
+    op = HessianOperator(model, F.cross_entropy, data)
+    with pytest.raises(ValueError, match="flat vector"):
+        op.matvec(torch.ones(3, dtype=torch.float64))
