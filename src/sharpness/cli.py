@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import sys
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from typing import Any
 from sharpness.data import DATASETS
 from sharpness.experiments.compare import RUNS_DIR, compare, format_table, plan_runs, run_label
 from sharpness.experiments.config import ConfigError, RunConfig, build_config, read_toml
+from sharpness.experiments.measure import DEFAULT_WHAT, SPLITS, WHAT, format_measurements, measure
 from sharpness.experiments.report import write_report
 from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, run_training
 from sharpness.optim.registry import OPTIMIZERS
@@ -92,7 +94,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report = commands.add_parser("report", help="regenerate the figure and HTML report of a run folder")
     report.add_argument("run_dir", type=Path)
+    _measure_flags(commands)
     return parser
+
+
+def _measure_flags(commands: Any) -> None:
+    """The ``measure`` subcommand; its defaults are those of :func:`sharpness.experiments.measure.measure`."""
+    meas = commands.add_parser(
+        "measure", help="Hessian eigenvalues, trace, Frobenius norm, spectral density and ρ-sharpness of a run"
+    )
+    defaults = {name: p.default for name, p in inspect.signature(measure).parameters.items()}
+    defaults["what"] = ",".join(DEFAULT_WHAT)
+
+    def add(flag: str, text: str, **kwargs: Any) -> None:
+        default = defaults.get(flag.lstrip("-").replace("-", "_"))
+        shown = f" (default {default})" if default is not None else ""
+        meas.add_argument(flag, default=default, help=text + shown, **kwargs)
+
+    meas.add_argument("path", type=Path, metavar="RUN_DIR_OR_CHECKPOINT", help="a train run folder or its checkpoint")
+    add("--what", f"comma list of {','.join(WHAT)}, or all")
+    add("--measure-size", "measure on the first N examples of the split", type=int)
+    add("--split", "the measurement split", choices=SPLITS)
+    add("--mode", "eval: BatchNorm running statistics; train: batch statistics", choices=("eval", "train"))
+    add("--backend", "Hessian-vector products", choices=("double_backward", "forward_over_reverse"))
+    add("--seed", "seed of the estimators' random vectors", type=int)
+    add("--top-k", "top eigenvalues (λ1/λ5 needs 5)", type=int)
+    add("--samples", "products per trace (Hutch++, Hutchinson) and Frobenius estimate", type=int)
+    add("--rho", "sharpness radius (default: the run's rho, or 0.05)", type=float)
+    add("--m", "m-sharpness batch size", type=int)
+    add("--adaptive", "adaptive ρ-sharpness (default: on for asam runs)", action=argparse.BooleanOptionalAction)
+    add("--params", "comma list of parameter names or prefixes to measure (default: all)", type=_names)
+    add("--max-iter", "Lanczos steps cap for eig", type=int)
+    add("--tol", "Lanczos relative residual tolerance for eig", type=float)
+    add("--density-vectors", "SLQ start vectors", type=int)
+    add("--density-steps", "SLQ Lanczos steps per vector", type=int)
+    add("--sharpness-steps", "worst-case ascent steps", type=int)
+    add("--sharpness-samples", "average-case random draws", type=int)
+    add("--device", "cpu or cuda[:N] (default: the run's)")
+    add("--threads", "torch CPU threads (default: torch's own choice)", type=int)
+    add("--out", "output folder (default: RUN_DIR/measure)", type=Path)
 
 
 class EpochProgress(Callback):
@@ -203,6 +243,21 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _measure(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"threads must be an integer >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    options = {key: value for key, value in vars(args).items() if key not in ("command", "path", "threads")}
+    result = measure(args.path, **options)
+    print(format_measurements(result))
+    for path in result["files"]:
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -210,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in write_report(args.run_dir):
                 print(f"wrote {path}")
             return 0
+        if args.command == "measure":
+            return _measure(args)
         return _train(args) if args.command == "train" else _compare(args)
     except NonFiniteLossError as exc:
         print(f"sharpness: training stopped: {exc}", file=sys.stderr)

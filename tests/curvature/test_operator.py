@@ -168,3 +168,17 @@ def test_bad_arguments() -> None:
     op = HessianOperator(model, F.cross_entropy, data)
     with pytest.raises(ValueError, match="flat vector"):
         op.matvec(torch.ones(3, dtype=torch.float64))
+
+
+def test_cached_graph_gives_the_same_products_and_refuses_changed_weights() -> None:
+    model = _model()
+    x, y = _data(16, 8)
+    cached = HessianOperator(model, F.cross_entropy, (x, y), cache_graph=True)
+    fresh = HessianOperator(model, F.cross_entropy, (x, y), cache_graph=False)
+    torch.testing.assert_close(_operator_matrix(cached), _operator_matrix(fresh), rtol=1e-12, atol=1e-14)
+    assert cached.loss_and_gradient()[0] == pytest.approx(fresh.loss_and_gradient()[0])
+    with torch.no_grad():
+        model[-1].weight.add_(0.1)  # saved by the graph (needed for the gradients of earlier layers)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        cached.matvec(torch.ones(cached.dim, dtype=torch.float64))
+    fresh.matvec(torch.ones(fresh.dim, dtype=torch.float64))  # an uncached operator follows the new weights

@@ -61,6 +61,12 @@ class HessianOperator:
         params: parameter filter, see :func:`select_parameters`.
         backend: ``"double_backward"`` or ``"forward_over_reverse"``.
         mode: ``"eval"`` (default) or ``"train"``, see :func:`~sharpness.curvature.state.measurement_mode`.
+        cache_graph: (double backward) build each batch's gradient graph once, on the first product, and reuse it
+            for every later product: one backward per product instead of a forward and two backwards, as
+            PyHessian does, at the price of keeping the graph in memory. The operator is then a snapshot of the
+            weights at its first product: later changes of the weights are NOT reflected (autograd raises if it
+            sees one of the weights it saved changed in place, but not for all of them). Create a new operator
+            after the weights change, or pass ``cache_graph=False``.
 
     Vectors are flat: the selected parameters concatenated in ``named_parameters`` order (:meth:`flatten`,
     :meth:`unflatten`). ``num_matvecs`` counts the products taken.
@@ -75,6 +81,7 @@ class HessianOperator:
         params: ParamFilter = None,
         backend: Literal["double_backward", "forward_over_reverse"] = "double_backward",
         mode: Mode = "eval",
+        cache_graph: bool = True,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -91,6 +98,9 @@ class HessianOperator:
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
         self._weights = [len(y) / sum(len(y) for _, y in batches) for _, y in batches]
         self.num_matvecs = 0
+        self.cache_graph = cache_graph
+        self._caches = cache_graph and backend == "double_backward"
+        self._graphs: dict[int, tuple[Tensor, tuple[Tensor, ...]]] = {}  # batch index -> (loss, grads with graph)
 
     # ------------------------------------------------------------------ flat vectors
 
@@ -111,8 +121,8 @@ class HessianOperator:
         product = _HVP[self.backend]
         with measurement_mode(self.model, self.mode):
             total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-            for (x, y), weight in zip(self.batches, self._weights, strict=True):
-                total.add_(self.flatten(product(self, x, y, vs)), alpha=weight)
+            for index, weight in enumerate(self._weights):
+                total.add_(self.flatten(product(self, index, vs)), alpha=weight)
         self.num_matvecs += 1
         return total
 
@@ -123,23 +133,34 @@ class HessianOperator:
         loss_total = 0.0
         grad_total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         with measurement_mode(self.model, self.mode):
-            for (x, y), weight in zip(self.batches, self._weights, strict=True):
-                loss = self.loss_fn(self.model(x), y)
-                grads = torch.autograd.grad(loss, self.params)
+            for index, weight in enumerate(self._weights):
+                loss, grads = self._loss_and_grads(index, create_graph=self._caches)
                 loss_total += weight * float(loss.detach())
-                grad_total.add_(self.flatten(grads), alpha=weight)
+                grad_total.add_(self.flatten(grads).detach(), alpha=weight)
         return loss_total, grad_total
 
-    def _double_backward(self, x: Tensor, y: Tensor, vs: list[Tensor]) -> tuple[Tensor, ...]:
+    def _loss_and_grads(self, index: int, *, create_graph: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """A batch's loss and gradient (from the cached graph when there is one)."""
+        if index in self._graphs:
+            return self._graphs[index]
+        x, y = self.batches[index]
         with torch.enable_grad():
             loss = self.loss_fn(self.model(x), y)
-            grads = torch.autograd.grad(loss, self.params, create_graph=True)
-            dot = sum((g * v).sum() for g, v in zip(grads, vs, strict=True))
-            return torch.autograd.grad(dot, self.params)
+            grads = torch.autograd.grad(loss, self.params, create_graph=create_graph)
+        if create_graph and self._caches:
+            self._graphs[index] = (loss, grads)
+        return loss, grads
 
-    def _forward_over_reverse(self, x: Tensor, y: Tensor, vs: list[Tensor]) -> tuple[Tensor, ...]:
+    def _double_backward(self, index: int, vs: list[Tensor]) -> tuple[Tensor, ...]:
+        _, grads = self._loss_and_grads(index, create_graph=True)
+        with torch.enable_grad():
+            dot = sum((g * v).sum() for g, v in zip(grads, vs, strict=True))
+            return torch.autograd.grad(dot, self.params, retain_graph=self.cache_graph)
+
+    def _forward_over_reverse(self, index: int, vs: list[Tensor]) -> tuple[Tensor, ...]:
         from torch.func import functional_call, grad, jvp
 
+        x, y = self.batches[index]
         names = [name for name, _ in self.named_params]
 
         def loss_of(weights: dict[str, Tensor]) -> Tensor:

@@ -20,10 +20,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
-
-from sharpness.optim.snapshot import TensorSnapshot
 
 Mode = Literal["eval", "train"]
 MODES = ("eval", "train")
@@ -37,8 +36,7 @@ def measurement_mode(model: nn.Module, mode: Mode = "eval") -> Iterator[None]:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     flags = [(module, module.training) for module in model.modules()]
     tracking = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, _NormBase)]
-    buffers = TensorSnapshot()
-    buffers.save([buffer for buffer in model.buffers()])
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
     try:
         if mode == "eval":
             model.eval()
@@ -51,7 +49,12 @@ def measurement_mode(model: nn.Module, mode: Mode = "eval") -> Iterator[None]:
                 module.track_running_stats = False
         yield
     finally:
-        buffers.restore()
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                # Copy back only what changed: an unneeded copy would bump the buffer's version counter and
+                # invalidate autograd graphs that saved it (HessianOperator's cached graph).
+                if not torch.equal(buffer, saved):
+                    buffer.copy_(saved)
         for module, training in flags:
             module.training = training
         for module, track in tracking:

@@ -1,0 +1,590 @@
+"""Curvature and sharpness of a trained model, measured from its run folder (``sharpness measure``).
+
+:func:`measure` rebuilds the model of a run folder (``config.json``) with the weights of its ``checkpoint.pt``,
+takes a fixed measurement set (the first ``measure_size`` examples of a split, training by default: the loss that
+was minimised) and computes, each with its own generator seeded from ``seed``:
+
+- ``eig``: the ``top_k`` largest Hessian eigenvalues by Lanczos, with Ritz residuals and convergence flags, and
+  the bulk ratio ``λ_1 / λ_5`` (Foret et al. 2021, §4.2);
+- ``trace``: ``tr(H)`` by Hutch++ and by Hutchinson, each with ``samples`` products and a standard error;
+- ``frobenius``: ``‖H‖_F`` by Hutchinson on ``H²`` with ``samples`` products;
+- ``density``: the spectral density by stochastic Lanczos quadrature, drawn to ``spectral_density.png`` as a
+  log-density against the eigenvalue (as in the SAM paper's Hessian-spectrum figures);
+- ``sharpness``: worst-case and average-case ρ-sharpness and m-sharpness (:mod:`sharpness.curvature.rho_sharpness`).
+
+The numbers and the settings go to ``measure.json`` (``null`` where a figure is undefined, e.g. a standard error
+from one sample); :func:`format_measurements` renders them as the table the CLI prints. The model is a fresh copy
+built for the measurement, and the estimators leave it as they found it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sharpness.curvature import (
+    HessianOperator,
+    bulk_ratio,
+    frobenius_norm,
+    hutchinson_trace,
+    hutchpp_trace,
+    spectral_density,
+    top_eigenvalues,
+)
+from sharpness.experiments.config import RunConfig, build_config
+from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, build_trainer, load_data
+from sharpness.train import CHECKPOINT_NAME, load_checkpoint, write_json
+
+__all__ = ["DEFAULT_WHAT", "MEASURE_NAME", "DENSITY_FIGURE", "WHAT", "format_measurements", "measure", "parse_what"]
+
+WHAT = ("eig", "trace", "frobenius", "density", "sharpness")
+DEFAULT_WHAT = ("eig", "trace", "frobenius", "density")
+SPLITS = ("train", "val", "test")
+MEASURE_DIR, MEASURE_NAME, DENSITY_FIGURE = "measure", "measure.json", "spectral_density.png"
+# One generator per estimator, seeded seed * _SEED_STRIDE + its index: the figures of one estimator do not depend
+# on which others ran, and no two estimators share probe vectors.
+_STREAMS = ("eig", "hutchpp", "hutchinson", "frobenius", "density", "worst", "average", "m_worst", "m_average")
+_SEED_STRIDE = 100
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def parse_what(what: str | Sequence[str]) -> list[str]:
+    """The measurements named by ``what`` (a comma string or a sequence; ``"all"`` = every one), in order."""
+    items = what.split(",") if isinstance(what, str) else list(what)
+    names: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"--what items must be strings, got {item!r}")
+        name = item.strip().lower()
+        if not name:
+            continue
+        for one in WHAT if name == "all" else (name,):
+            if one not in names:
+                names.append(one)
+    unknown = [name for name in names if name not in WHAT]
+    if unknown:
+        raise ValueError(f"unknown --what item(s) {', '.join(map(repr, unknown))}; valid: {', '.join(WHAT)} (or all)")
+    if not names:
+        raise ValueError(f"--what names no measurement; valid: {', '.join(WHAT)} (or all)")
+    return names
+
+
+def _integer(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _positive(name: str, value: Any) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _choice(name: str, value: Any, valid: Sequence[str]) -> str:
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {', '.join(valid)}, got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _locate(path: str | Path) -> tuple[Path, Path]:
+    """``(run_dir, checkpoint)`` for a run folder or a checkpoint file inside one."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (expected a sharpness run folder or its checkpoint.pt)")
+    run_dir, checkpoint = (path.parent, path) if path.is_file() else (path, path / CHECKPOINT_NAME)
+    config_path = run_dir / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a sharpness run folder: {config_path} is missing")
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint} (has the run finished its first epoch?)")
+    return run_dir, checkpoint
+
+
+def _load_config(run_dir: Path) -> RunConfig:
+    config_path = run_dir / CONFIG_NAME
+    try:
+        saved = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{config_path} is not readable JSON: {exc}") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{config_path} does not hold a run's settings (expected a JSON object)")
+    kind = saved.pop("kind", None)
+    if kind == "compare":
+        runs = sorted(p.name for p in (run_dir / "runs").glob("*") if (p / CONFIG_NAME).is_file())
+        listed = f": {', '.join(runs)}" if runs else ""
+        raise ValueError(f"{run_dir} is a comparison folder; measure one of its runs under {run_dir / 'runs'}{listed}")
+    if kind != "train":
+        raise ValueError(f"{config_path} has unknown kind {kind!r} (expected a 'train' run folder)")
+    config = build_config(saved, compare=False)
+    assert isinstance(config, RunConfig)
+    return config
+
+
+def _device(config: RunConfig, device: str | None) -> str:
+    device = config.device if device is None else device
+    if device != "cpu" and not str(device).startswith("cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} is not available here; pass --device cpu")
+    return device
+
+
+def _load_model(config: RunConfig, data: Any, checkpoint: Path) -> tuple[torch.nn.Module, Callable, dict[str, Any]]:
+    """The run's model with the checkpoint's weights, and its loss; the global RNG is left as it was."""
+    state = load_checkpoint(checkpoint)
+    if not isinstance(state.get("model"), dict):
+        raise ValueError(f"{checkpoint} holds no model weights ('model' is missing)")
+    with torch.random.fork_rng(devices=[]):  # build_trainer seeds the global RNG for the initial weights
+        trainer = build_trainer(config, data)
+    try:
+        trainer.model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"the weights in {checkpoint} do not fit the model of {checkpoint.parent}: {exc}") from None
+    return trainer.model, trainer.loss_fn, state
+
+
+def _measurement_set(data: Any, split: str, size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = {"train": (data.x_train, data.y_train), "val": (data.x_val, data.y_val), "test": (data.x_test, data.y_test)}[
+        split
+    ]
+    if x is None:
+        raise ValueError("split 'val' is empty: the run has no validation split (val_split = 0)")
+    return x[:size].to(device), y[:size].to(device)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _generator(seed: int, stream: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * _SEED_STRIDE + _STREAMS.index(stream))
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - started
+
+
+def _floats(t: torch.Tensor) -> list[float]:
+    return [float(v) for v in t.detach().cpu().reshape(-1)]
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``None`` (strict JSON has no NaN/inf)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite_or_none(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_none(value) for value in obj]
+    return obj
+
+
+def _sharpness_figures(result: Any, seconds: float) -> dict[str, Any]:
+    """The numbers of a rho_sharpness result dataclass (``value``, ``stderr`` and whatever else it carries)."""
+    figures: dict[str, Any] = {}
+    fields = [f.name for f in dataclasses.fields(result)] if dataclasses.is_dataclass(result) else []
+    for key in fields:
+        value = getattr(result, key)
+        if isinstance(value, bool | int | float | str) or value is None:
+            figures[key] = value
+        elif isinstance(value, torch.Tensor) and value.numel() == 1:
+            figures[key] = float(value)
+        elif isinstance(value, tuple | list) and all(isinstance(v, int | float) for v in value):
+            figures[key] = [float(v) for v in value]  # e.g. m-sharpness per batch
+    estimates = getattr(result, "estimates", None)
+    if estimates:  # m-sharpness: one estimate per batch
+        figures["num_batches"] = len(estimates)
+        figures["num_evaluations"] = sum(int(getattr(e, "num_evaluations", 0)) for e in estimates)
+    figures["value"] = float(result.value)
+    if hasattr(result, "stderr"):
+        figures["stderr"] = float(result.stderr)
+    figures["seconds"] = seconds
+    return figures
+
+
+def measure(
+    run_dir: str | Path,
+    what: str | Sequence[str] = DEFAULT_WHAT,
+    *,
+    measure_size: int = 1000,
+    split: str = "train",
+    mode: str = "eval",
+    backend: str = "double_backward",
+    seed: int = 0,
+    top_k: int = 5,
+    samples: int = 100,
+    rho: float | None = None,
+    m: int = 128,
+    adaptive: bool | None = None,
+    params: Sequence[str] | None = None,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    density_vectors: int = 10,
+    density_steps: int = 80,
+    sharpness_steps: int = 20,
+    sharpness_samples: int = 20,
+    device: str | None = None,
+    out: str | Path | None = None,
+) -> dict[str, Any]:
+    """Measure the Hessian (and optionally the ρ-sharpness) of a trained run's loss; write ``measure.json``.
+
+    Args:
+        run_dir: a ``sharpness train`` run folder, or a checkpoint file inside one (its folder holds
+            ``config.json``).
+        what: which measurements, a comma string or a sequence of :data:`WHAT` (``"all"`` for every one).
+        measure_size: the measurement set is the first ``measure_size`` examples of ``split`` (all if fewer).
+        split: ``"train"`` (default: the loss that was trained on, noisy labels included), ``"val"`` or ``"test"``.
+        mode: ``"eval"`` or ``"train"`` (see :func:`sharpness.curvature.measurement_mode`).
+        backend: Hessian-vector products by ``"double_backward"`` or ``"forward_over_reverse"``.
+        seed: seeds the estimators' generators (one per estimator).
+        top_k: eigenvalues wanted (the bulk ratio λ_1/λ_5 needs 5).
+        samples: products for each trace estimate (Hutch++, Hutchinson) and for the Frobenius norm, >= 3.
+        rho: sharpness radius; default the run's ``rho`` (0.05 if that is 0).
+        m: m-sharpness batch size (capped at the measurement-set size).
+        adaptive: adaptive (ASAM-style) sharpness; default whether the run trained with ``asam``.
+        params: names or name prefixes of the parameters to measure (default all), e.g. ``["net.5"]``.
+        max_iter, tol: Lanczos steps cap and relative residual tolerance for ``eig``.
+        density_vectors, density_steps: start vectors and Lanczos steps per vector for ``density``.
+        sharpness_steps, sharpness_samples: ascent steps of the worst case, random draws of the average case.
+        device: ``cpu`` or ``cuda[:N]``; default the run's device.
+        out: folder for ``measure.json`` and ``spectral_density.png``; default ``RUN_DIR/measure``.
+
+    Returns:
+        The contents of ``measure.json``: ``settings``, ``loss``, ``grad_norm`` and one entry per measurement,
+        ``files`` (the paths written). Non-finite numbers are ``None``.
+
+    Raises:
+        FileNotFoundError: the path is missing or not a run folder, or the checkpoint is missing.
+        ValueError: a corrupt checkpoint or config, an unknown ``what`` item, a bad number or choice.
+    """
+    names = parse_what(what)
+    _integer("measure_size", measure_size, 1)
+    _choice("split", split, SPLITS)
+    _choice("mode", mode, ("eval", "train"))
+    _choice("backend", backend, ("double_backward", "forward_over_reverse"))
+    _integer("seed", seed, 0)
+    _integer("top_k", top_k, 1)
+    _integer("samples", samples, 3)
+    _integer("m", m, 1)
+    _integer("max_iter", max_iter, 1)
+    if max_iter < top_k:
+        raise ValueError(f"max_iter must be >= top_k = {top_k}, got {max_iter}")
+    if isinstance(tol, bool) or not isinstance(tol, int | float) or not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    _integer("density_vectors", density_vectors, 1)
+    _integer("density_steps", density_steps, 1)
+    _integer("sharpness_steps", sharpness_steps, 1)
+    _integer("sharpness_samples", sharpness_samples, 2)
+    if rho is not None:
+        _positive("rho", rho)
+    params = [params] if isinstance(params, str) else (list(params) if params else None)
+
+    run_dir, checkpoint = _locate(run_dir)
+    config = _load_config(run_dir)
+    device = _device(config, device)
+    config = dataclasses.replace(config, device=device)
+    rho = float(rho) if rho is not None else (config.rho if config.rho > 0 else 0.05)
+    adaptive = config.optimizer == "asam" if adaptive is None else bool(adaptive)
+    data = load_data(config)
+    model, loss_fn, state = _load_model(config, data, checkpoint)
+    x, y = _measurement_set(data, split, measure_size, device)
+    op = HessianOperator(model, loss_fn, (x, y), params=params, backend=backend, mode=mode)
+    if top_k > op.dim:
+        raise ValueError(f"top_k = {top_k} exceeds the number of measured parameters ({op.dim})")
+    out_dir = Path(out) if out is not None else run_dir / MEASURE_DIR
+
+    result: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "checkpoint": str(checkpoint),
+        "epoch": state.get("train_state", {}).get("epoch"),
+        "finished": (run_dir / FINAL_NAME).is_file(),
+        "settings": {
+            "what": names,
+            "split": split,
+            "measure_size": measure_size,
+            "num_examples": len(y),
+            "mode": mode,
+            "backend": backend,
+            "seed": seed,
+            "top_k": top_k,
+            "samples": samples,
+            "rho": rho,
+            "adaptive": adaptive,
+            "m": min(m, len(y)),
+            "params": params,
+            "num_parameters": op.dim,
+            "max_iter": max_iter,
+            "tol": tol,
+            "density_vectors": density_vectors,
+            "density_steps": density_steps,
+            "sharpness_steps": sharpness_steps,
+            "sharpness_samples": sharpness_samples,
+            "device": device,
+            "dataset": config.dataset,
+            "model": config.model_name,
+            "optimizer": config.optimizer,
+        },
+    }
+    loss, gradient = op.loss_and_gradient()
+    result["loss"], result["grad_norm"] = loss, float(torch.linalg.vector_norm(gradient))
+
+    if "eig" in names:
+        eig, seconds = _timed(
+            lambda: top_eigenvalues(op, k=top_k, max_iter=max_iter, tol=tol, generator=_generator(seed, "eig"))
+        )
+        result["eig"] = {
+            "eigenvalues": _floats(eig.eigenvalues),
+            "residuals": _floats(eig.residuals),
+            "converged": [bool(c) for c in eig.converged.cpu()],
+            "bulk_ratio": bulk_ratio(eig.eigenvalues) if top_k >= 5 else None,
+            "iterations": eig.iterations,
+            "hvps": eig.num_matvecs,
+            "seconds": seconds,
+        }
+    if "trace" in names:
+        traces = {}
+        for key, estimate in (("hutchpp", hutchpp_trace), ("hutchinson", hutchinson_trace)):
+            est, seconds = _timed(
+                lambda estimate=estimate, key=key: estimate(op, samples, generator=_generator(seed, key))
+            )
+            traces[key] = {
+                "value": est.value,
+                "stderr": est.stderr,
+                "num_samples": est.num_samples,
+                "hvps": est.num_matvecs,
+                "seconds": seconds,
+            }
+        result["trace"] = traces
+    if "frobenius" in names:
+        est, seconds = _timed(lambda: frobenius_norm(op, samples, generator=_generator(seed, "frobenius")))
+        result["frobenius"] = {
+            "value": est.value,
+            "stderr": est.stderr,
+            "squared": est.squared,
+            "squared_stderr": est.squared_stderr,
+            "num_samples": est.num_samples,
+            "hvps": est.num_matvecs,
+            "seconds": seconds,
+        }
+    if "density" in names:
+        dens, seconds = _timed(
+            lambda: spectral_density(
+                op,
+                num_vectors=density_vectors,
+                lanczos_steps=density_steps,
+                generator=_generator(seed, "density"),
+            )
+        )
+        result["density"] = {
+            "grid": _floats(dens.grid),
+            "density": _floats(dens.density),
+            "nodes": [_floats(row) for row in dens.nodes],
+            "weights": [_floats(row) for row in dens.weights],
+            "sigma": dens.sigma,
+            "num_vectors": density_vectors,
+            "lanczos_steps": int(dens.nodes.shape[1]),
+            "hvps": dens.num_matvecs,
+            "seconds": seconds,
+        }
+    if "sharpness" in names:
+        result["sharpness"] = _measure_sharpness(
+            model,
+            loss_fn,
+            x,
+            y,
+            rho=rho,
+            m=min(m, len(y)),
+            adaptive=adaptive,
+            params=params,
+            mode=mode,
+            seed=seed,
+            steps=sharpness_steps,
+            num_samples=sharpness_samples,
+        )
+
+    result = _finite_or_none(result)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [out_dir / MEASURE_NAME]
+    if "density" in result:
+        figure = out_dir / DENSITY_FIGURE
+        _density_figure(result, figure)
+        files.append(figure)
+    result["files"] = [str(path) for path in files]
+    write_json(result, files[0])
+    return result
+
+
+def _measure_sharpness(
+    model: torch.nn.Module,
+    loss_fn: Callable,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    rho: float,
+    m: int,
+    adaptive: bool,
+    params: Sequence[str] | None,
+    mode: str,
+    seed: int,
+    steps: int,
+    num_samples: int,
+) -> dict[str, Any]:
+    # Imported here: the module is optional for the Hessian measurements.
+    from sharpness.curvature.rho_sharpness import average_case_sharpness, m_sharpness, worst_case_sharpness
+
+    common = {"adaptive": adaptive, "params": params, "mode": mode}
+    runs = {
+        "worst": lambda: worst_case_sharpness(
+            model, loss_fn, (x, y), rho, steps=steps, generator=_generator(seed, "worst"), **common
+        ),
+        "average": lambda: average_case_sharpness(
+            model, loss_fn, (x, y), rho, num_samples=num_samples, generator=_generator(seed, "average"), **common
+        ),
+        "m_worst": lambda: m_sharpness(
+            model, loss_fn, x, y, m, rho, kind="worst", steps=steps, generator=_generator(seed, "m_worst"), **common
+        ),
+        "m_average": lambda: m_sharpness(
+            model,
+            loss_fn,
+            x,
+            y,
+            m,
+            rho,
+            kind="average",
+            num_samples=num_samples,
+            generator=_generator(seed, "m_average"),
+            **common,
+        ),
+    }
+    figures: dict[str, Any] = {"rho": rho, "m": m, "adaptive": adaptive, "steps": steps, "num_samples": num_samples}
+    for key, run in runs.items():
+        value, seconds = _timed(run)
+        figures[key] = _sharpness_figures(value, seconds)
+    return figures
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _density_figure(result: dict[str, Any], path: Path) -> None:
+    """Log-density against eigenvalue (the SAM paper's Hessian-spectrum plots), top eigenvalues marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dens = result["density"]
+    grid = torch.tensor(dens["grid"], dtype=torch.float64)
+    density = torch.tensor([d or 0.0 for d in dens["density"]], dtype=torch.float64)
+    peak = float(density.max()) if density.numel() else 1.0
+    floor = max(peak * 1e-8, 1e-300)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.semilogy(grid.numpy(), density.clamp(min=floor).numpy(), color="C0", lw=1.5, label="SLQ density")
+    ax.set_ylim(bottom=floor, top=peak * 3)
+    eig = result.get("eig")
+    if eig:
+        for i, lam in enumerate(eig["eigenvalues"]):
+            ax.axvline(
+                lam, color="C3", lw=0.8, ls="--", alpha=0.7, label="top eigenvalues (Lanczos)" if i == 0 else None
+            )
+    s = result["settings"]
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density (log scale)")
+    title = f"Hessian spectrum: {s['model']} on {s['dataset']}, {s['num_examples']} {s['split']} examples, {s['mode']}"
+    if eig and eig.get("bulk_ratio") is not None:
+        title += f"\nλ1 = {eig['eigenvalues'][0]:.4g}, λ1/λ5 = {eig['bulk_ratio']:.3g}"
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(True, which="major", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _num(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.6g}"
+
+
+def _pm(value: Any) -> str:
+    return "" if value is None else f"± {value:.3g}"
+
+
+def format_measurements(result: dict[str, Any]) -> str:
+    """The figures of :func:`measure` as a plain-text table (value, standard error, products, seconds)."""
+    s = result["settings"]
+    where = f"{s['num_examples']} {s['split']} examples, {s['mode']} mode, {s['backend']}, seed {s['seed']}"
+    scope = f"{s['num_parameters']:,} parameters" + (f" ({', '.join(s['params'])})" if s["params"] else "")
+    lines = [
+        f"{result['checkpoint']} (epoch {result['epoch']}): {s['model']} on {s['dataset']}, {scope}",
+        f"measurement set: {where}",
+        "",
+    ]
+    rows: list[tuple[str, str, str, str, str, str]] = []
+
+    def row(name: str, value: Any, stderr: Any = None, hvps: Any = "", seconds: Any = None, note: str = "") -> None:
+        text = value if isinstance(value, str) else _num(value)
+        secs = "" if seconds is None else f"{seconds:.2f}"
+        rows.append((name, text, _pm(stderr), str(hvps), secs, note))
+
+    row("loss", result["loss"], note="gradient pass")
+    row("gradient norm", result["grad_norm"])
+    if "eig" in result:
+        eig = result["eig"]
+        for i, (lam, res, ok) in enumerate(zip(eig["eigenvalues"], eig["residuals"], eig["converged"], strict=True)):
+            note = f"residual {_num(res)}, {'converged' if ok else 'NOT converged'}"
+            first = i == 0
+            row(f"λ{i + 1}", lam, None, eig["hvps"] if first else "", eig["seconds"] if first else None, note)
+        row("λ1/λ5", eig["bulk_ratio"] if eig["bulk_ratio"] is not None else "n/a (top-k < 5)")
+    if "trace" in result:
+        for key, label in (("hutchpp", "trace (Hutch++)"), ("hutchinson", "trace (Hutchinson)")):
+            t = result["trace"][key]
+            row(label, t["value"], t["stderr"], t["hvps"], t["seconds"])
+    if "frobenius" in result:
+        f = result["frobenius"]
+        row("Frobenius norm", f["value"], f["stderr"], f["hvps"], f["seconds"])
+    if "density" in result:
+        d = result["density"]
+        figure = next((p for p in result.get("files", []) if p.endswith(DENSITY_FIGURE)), DENSITY_FIGURE)
+        note = f"{d['num_vectors']} vectors × {d['lanczos_steps']} steps, σ = {d['sigma']:.3g}; {figure}"
+        row("spectral density (SLQ)", "", None, d["hvps"], d["seconds"], note)
+    if "sharpness" in result:
+        sh = result["sharpness"]
+        kind = "adaptive " if sh["adaptive"] else ""
+        labels = (
+            ("worst", f"worst-case {kind}ρ-sharpness", f"{sh['steps']} ascent steps"),
+            ("average", f"average-case {kind}ρ-sharpness", f"{sh['num_samples']} draws"),
+            ("m_worst", f"m-sharpness (worst, m={sh['m']})", f"{sh['steps']} ascent steps per batch"),
+            ("m_average", f"m-sharpness (average, m={sh['m']})", f"{sh['num_samples']} draws per batch"),
+        )
+        for key, label, note in labels:
+            fig = sh[key]
+            extra = [f"ρ = {sh['rho']:g}", note]
+            if fig.get("num_batches"):
+                extra.append(f"{fig['num_batches']} batches")
+            if fig.get("num_evaluations"):
+                extra.append(f"{fig['num_evaluations']} forward passes")
+            stderr = fig.get("stderr") if key != "worst" else None  # one ascent: no sampling error
+            row(label, fig["value"], stderr, "", fig["seconds"], ", ".join(extra))
+
+    header = ("quantity", "value", "stderr", "HVPs", "seconds", "")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    for r in [header, *rows]:
+        cells = [r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].ljust(widths[2]), r[3].rjust(widths[3])]
+        cells.append(r[4].rjust(widths[4]))
+        lines.append(("  ".join(cells) + ("  " + r[5] if r[5] else "")).rstrip())
+    return "\n".join(lines)
