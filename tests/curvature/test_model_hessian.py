@@ -92,3 +92,17 @@ def test_tracking_at_the_end_of_a_cosine_schedule_reports_an_infinite_edge(tmp_p
     assert main([*args, "--quiet", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "sharpness.jsonl").read_text().splitlines()]
     assert rows[-1]["edge"] == math.inf and rows[-1]["edge_kind"] == "gd" and rows[-1]["lambda_over_edge"] == 0.0
+
+
+def test_lanczos_agrees_with_scipy_eigsh_on_the_model_operator(model_and_hessian) -> None:
+    import numpy as np
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    model, data, _ = model_and_hessian
+    op = HessianOperator(model, F.cross_entropy, data)
+    scipy_op = LinearOperator(
+        (op.dim, op.dim), matvec=lambda v: op.matvec(torch.from_numpy(np.ascontiguousarray(v).ravel())).numpy()
+    )
+    expected = np.sort(eigsh(scipy_op, k=3, which="LA", tol=1e-12)[0])[::-1]
+    ours = top_eigenvalues(op, k=3, tol=1e-8).eigenvalues.numpy()
+    np.testing.assert_allclose(ours, expected, rtol=1e-6)

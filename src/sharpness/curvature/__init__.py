@@ -7,14 +7,25 @@
   :func:`spectral_density` (stochastic Lanczos quadrature), :func:`bulk_ratio`.
 - Stability edges (``edges.py``): :func:`gd_edge`, :func:`sam_edge`, :func:`sam_edge_unnormalized`,
   :func:`sgd_frobenius_bound`.
+- ρ-sharpness (``rho_sharpness.py``): :func:`worst_case_sharpness`, :func:`average_case_sharpness`,
+  :func:`m_sharpness` (Andriushchenko et al. 2023; Foret et al. 2021).
+- The SGD-noise alignment factor μ and the NTK form of ``||H||_F`` (``alignment.py``): :func:`ntk_quantities`.
 - Live tracking during training (``tracking.py``): :class:`SharpnessTracker`.
 """
 
+from sharpness.curvature.alignment import NTKQuantities, alignment_factor, ntk_quantities
 from sharpness.curvature.density import SpectralDensity, spectral_density
 from sharpness.curvature.edges import gd_edge, sam_edge, sam_edge_unnormalized, sgd_frobenius_bound
 from sharpness.curvature.eigen import EigenResult, PowerResult, bulk_ratio, power_iteration, top_eigenvalues
 from sharpness.curvature.linop import DenseOperator, LinearOperator
 from sharpness.curvature.operator import HessianOperator, select_parameters
+from sharpness.curvature.rho_sharpness import (
+    MSharpness,
+    SharpnessEstimate,
+    average_case_sharpness,
+    m_sharpness,
+    worst_case_sharpness,
+)
 from sharpness.curvature.state import measurement_mode
 from sharpness.curvature.trace import FrobeniusEstimate, TraceEstimate, frobenius_norm, hutchinson_trace, hutchpp_trace
 from sharpness.curvature.tracking import SharpnessTracker
@@ -24,17 +35,24 @@ __all__ = [
     "EigenResult",
     "FrobeniusEstimate",
     "HessianOperator",
+    "MSharpness",
+    "NTKQuantities",
+    "SharpnessEstimate",
     "LinearOperator",
     "PowerResult",
     "SharpnessTracker",
     "SpectralDensity",
     "TraceEstimate",
+    "alignment_factor",
+    "average_case_sharpness",
     "bulk_ratio",
     "frobenius_norm",
     "gd_edge",
     "hutchinson_trace",
     "hutchpp_trace",
+    "m_sharpness",
     "measurement_mode",
+    "ntk_quantities",
     "power_iteration",
     "sam_edge",
     "sam_edge_unnormalized",
@@ -42,4 +60,5 @@ __all__ = [
     "sgd_frobenius_bound",
     "spectral_density",
     "top_eigenvalues",
+    "worst_case_sharpness",
 ]

@@ -140,9 +140,9 @@ def ntk_quantities(
         out = functional_call(model, weights, (x,)).reshape(n, -1)
         return out, out.detach()
 
-    with measurement_mode(model, mode):
+    with measurement_mode(model, mode), torch.no_grad():  # no graph through the unselected parameters
         primals = {name: p.detach() for name, p in named}
-        jacobian, out = jacrev(outputs, has_aux=True)(primals)
+        jacobian, out = jacrev(outputs, has_aux=True)(primals)  # function transforms ignore the outer no_grad
     k = out.shape[1]
     if y.numel() != n * k:
         raise ValueError(f"y has {y.numel()} numbers; the model gives {n} x {k} = {n * k} outputs")
