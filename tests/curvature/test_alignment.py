@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from model_state import assert_state_unchanged, snapshot_state
 from torch import nn
 from torch.func import functional_call
 
@@ -183,26 +184,6 @@ def test_parameter_filter_restricts_the_jacobian() -> None:
     assert q.hessian_frobenius == pytest.approx(float(torch.linalg.matrix_norm(ref["G"])), rel=1e-12)
 
 
-def _state(model: nn.Module) -> dict:
-    return {
-        "params": {k: v.detach().clone() for k, v in model.named_parameters()},
-        "grads": {k: None if v.grad is None else v.grad.clone() for k, v in model.named_parameters()},
-        "buffers": {k: v.clone() for k, v in model.named_buffers()},
-        "modes": [m.training for m in model.modules()],
-    }
-
-
-def _assert_same_state(model: nn.Module, before: dict) -> None:
-    after = _state(model)
-    for key in ("params", "buffers"):
-        for name, value in before[key].items():
-            assert torch.equal(after[key][name], value), (key, name)
-    for name, grad in before["grads"].items():
-        now = after["grads"][name]
-        assert (now is None) == (grad is None) and (grad is None or torch.equal(now, grad))
-    assert after["modes"] == before["modes"]
-
-
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_model_state_is_untouched(mode: str) -> None:
     torch.manual_seed(2)
@@ -210,9 +191,9 @@ def test_model_state_is_untouched(mode: str) -> None:
     x, y = _data(8, 3, 2, seed=8)
     F.mse_loss(model(x), y).backward()  # gradients and running statistics that must survive
     model[1].eval()
-    before = _state(model)
+    before = snapshot_state(model)
     q = ntk_quantities(model, x, y, mode=mode)
-    _assert_same_state(model, before)
+    assert_state_unchanged(model, before)
     assert math.isfinite(q.mu) and q.hessian_frobenius > 0
     again = ntk_quantities(model, x, y, mode=mode)  # deterministic: dropout is off
     torch.testing.assert_close(again.gram, q.gram, rtol=0, atol=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_state import assert_state_unchanged, snapshot_state
 from torch import nn
 from torch.func import functional_call
 
@@ -86,27 +87,6 @@ def test_parameter_filter_gives_the_diagonal_block() -> None:
         select_parameters(model, ["layer9"])
 
 
-def _state(model: nn.Module) -> dict:
-    return {
-        "params": {k: v.detach().clone() for k, v in model.named_parameters()},
-        "grads": {k: None if v.grad is None else v.grad.clone() for k, v in model.named_parameters()},
-        "buffers": {k: v.clone() for k, v in model.named_buffers()},
-        "modes": [m.training for m in model.modules()],
-        "tracking": [getattr(m, "track_running_stats", None) for m in model.modules()],
-    }
-
-
-def _assert_same_state(model: nn.Module, before: dict) -> None:
-    after = _state(model)
-    for key in ("params", "buffers"):
-        for name, value in before[key].items():
-            assert torch.equal(after[key][name], value), (key, name)
-    for name, grad in before["grads"].items():
-        now = after["grads"][name]
-        assert (now is None) == (grad is None) and (grad is None or torch.equal(now, grad))
-    assert after["modes"] == before["modes"] and after["tracking"] == before["tracking"]
-
-
 @pytest.mark.parametrize("backend", ["double_backward", "forward_over_reverse"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_model_state_is_untouched(backend: str, mode: str) -> None:
@@ -114,17 +94,17 @@ def test_model_state_is_untouched(backend: str, mode: str) -> None:
     x, y = _data(12, 4)
     F.cross_entropy(model(x), y).backward()  # existing gradients must survive
     model[1].eval()  # mixed modes must survive too
-    before = _state(model)
+    before = snapshot_state(model)
     op = HessianOperator(model, F.cross_entropy, (x, y), backend=backend, mode=mode)
     op.matvec(torch.ones(op.dim, dtype=torch.float64))
     op.loss_and_gradient()
-    _assert_same_state(model, before)
+    assert_state_unchanged(model, before)
 
 
 def test_model_state_is_restored_when_the_measurement_raises() -> None:
     model = _model()
     x, y = _data(12, 5)
-    before = _state(model)
+    before = snapshot_state(model)
     calls = []
 
     def exploding_loss(outputs, targets):
@@ -135,7 +115,7 @@ def test_model_state_is_restored_when_the_measurement_raises() -> None:
     with pytest.raises(RuntimeError, match="loss failed"):
         op.matvec(torch.ones(op.dim, dtype=torch.float64))
     assert calls
-    _assert_same_state(model, before)
+    assert_state_unchanged(model, before)
 
 
 def test_train_mode_keeps_dropout_off_and_eval_mode_uses_running_statistics() -> None:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from model_state import assert_state_unchanged, snapshot_state
 from torch import nn
 
 from sharpness.curvature.rho_sharpness import (
@@ -266,27 +267,6 @@ def _bn_model() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Dropout(0.5), nn.Linear(5, 1)).double()
 
 
-def _state(model: nn.Module) -> dict:
-    return {
-        "params": {k: v.detach().clone() for k, v in model.named_parameters()},
-        "grads": {k: None if v.grad is None else v.grad.clone() for k, v in model.named_parameters()},
-        "buffers": {k: v.clone() for k, v in model.named_buffers()},
-        "modes": [m.training for m in model.modules()],
-        "tracking": [getattr(m, "track_running_stats", None) for m in model.modules()],
-    }
-
-
-def _assert_same_state(model: nn.Module, before: dict) -> None:
-    after = _state(model)
-    for key in ("params", "buffers"):
-        for name, value in before[key].items():
-            assert torch.equal(after[key][name], value), (key, name)
-    for name, grad in before["grads"].items():
-        now = after["grads"][name]
-        assert (now is None) == (grad is None) and (grad is None or torch.equal(now, grad))
-    assert after["modes"] == before["modes"] and after["tracking"] == before["tracking"]
-
-
 MEASUREMENTS = [
     pytest.param(lambda m, loss, d, **k: worst_case_sharpness(m, loss, d, 0.1, **k), id="worst-l2"),
     pytest.param(
@@ -308,9 +288,9 @@ def test_model_state_is_untouched(measure, mode: str) -> None:
     x, y = _regression_data(12, 9)
     F.mse_loss(model(x), y).backward()  # gradients and running statistics that must survive
     model[1].eval()  # mixed modes must survive too
-    before = _state(model)
+    before = snapshot_state(model)
     measure(model, F.mse_loss, (x, y), mode=mode)
-    _assert_same_state(model, before)
+    assert_state_unchanged(model, before)
 
 
 @pytest.mark.parametrize("measure", MEASUREMENTS)
@@ -318,7 +298,7 @@ def test_model_state_is_restored_when_the_loss_raises(measure) -> None:
     model = _bn_model()
     x, y = _regression_data(12, 10)
     F.mse_loss(model(x), y).backward()
-    before = _state(model)
+    before = snapshot_state(model)
     calls = []
 
     def exploding_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -330,7 +310,7 @@ def test_model_state_is_restored_when_the_loss_raises(measure) -> None:
     with pytest.raises(RuntimeError, match="loss failed"):
         measure(model, exploding_loss, (x, y), mode="train")
     assert len(calls) == 3
-    _assert_same_state(model, before)
+    assert_state_unchanged(model, before)
 
 
 def test_parameter_filter_perturbs_only_the_selected_parameters() -> None:

@@ -65,6 +65,17 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, axes, title: str, path: Path) -> None:
+    """Grid, legends and title, then save the figure to ``path`` and free it."""
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _curves_figure(series: dict[str, list[list[dict[str, Any]]]], path: Path, title: str) -> None:
     """Test accuracy (or loss) and training loss per epoch; one line per label, mean over its runs, min–max band."""
     plt = _pyplot()
@@ -87,12 +98,7 @@ def _curves_figure(series: dict[str, list[list[dict[str, Any]]]], path: Path, ti
     axes[1].set_yscale("log")
     for axis in axes:
         axis.set_xlabel("epoch")
-        axis.grid(alpha=0.3)
-        axis.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, axes, title, path)
 
 
 # ----------------------------------------------------------------------------- pages
@@ -189,12 +195,7 @@ def _sharpness_figure(series: dict[str, Path], path: Path, title: str) -> bool:
     axis.set_xlabel("step")
     axis.set_ylabel("top Hessian eigenvalue")
     axis.set_yscale("log")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, [axis], title, path)
     return True
 
 
