@@ -106,3 +106,19 @@ def test_lanczos_agrees_with_scipy_eigsh_on_the_model_operator(model_and_hessian
     expected = np.sort(eigsh(scipy_op, k=3, which="LA", tol=1e-12)[0])[::-1]
     ours = top_eigenvalues(op, k=3, tol=1e-8).eigenvalues.numpy()
     np.testing.assert_allclose(ours, expected, rtol=1e-6)
+
+
+def test_eigenvalue_criterion_reaches_the_requested_accuracy_with_fewer_products(model_and_hessian) -> None:
+    model, data, dense = model_and_hessian
+    true = torch.linalg.eigvalsh(dense)[-1].item()
+    op = HessianOperator(model, F.cross_entropy, data)
+    for tol in (1e-3, 1e-6):
+        result = top_eigenvalues(op, k=1, tol=tol, criterion="eigenvalue")
+        error = abs(result.eigenvalues[0].item() - true)
+        assert bool(result.converged[0]) and error <= tol * abs(true)
+        assert result.error_bounds[0].item() >= error - 1e-12  # the estimate bounds the actual error here
+    by_eigenvalue = top_eigenvalues(op, k=1, tol=1e-3, criterion="eigenvalue")
+    by_residual = top_eigenvalues(op, k=1, tol=1e-3)
+    assert by_eigenvalue.num_matvecs < by_residual.num_matvecs
+    with pytest.raises(ValueError, match="criterion"):
+        top_eigenvalues(op, k=1, criterion="gap")  # type: ignore[arg-type]
