@@ -74,34 +74,34 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Check every value; raise :class:`ConfigError` naming the first bad one. Returns ``self``."""
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("schedule", self.schedule, SCHEDULES)
+        check_choice("dataset", self.dataset, DATASETS)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
         try:
             parse_model_name(self.model_name)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        _integer("epochs", self.epochs, minimum=1)
-        _integer("batch_size", self.batch_size, minimum=1)
-        _integer("seed", self.seed, minimum=0)
-        _integer("checkpoint_every", self.checkpoint_every, minimum=1)
+        check_integer("epochs", self.epochs, minimum=1)
+        check_integer("batch_size", self.batch_size, minimum=1)
+        check_integer("seed", self.seed, minimum=0)
+        check_integer("checkpoint_every", self.checkpoint_every, minimum=1)
         if self.threads is not None:
-            _integer("threads", self.threads, minimum=1)
-        _number("lr", self.lr, low=0.0, low_open=True)
-        _number("rho", self.rho, low=0.0)
-        _number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
-        _number("weight_decay", self.weight_decay, low=0.0)
-        _number("label_noise", self.label_noise, low=0.0, high=1.0, high_open=True)
-        _number("val_split", self.val_split, low=0.0, high=1.0, high_open=True)
+            check_integer("threads", self.threads, minimum=1)
+        check_number("lr", self.lr, low=0.0, low_open=True)
+        check_number("rho", self.rho, low=0.0)
+        check_number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        check_number("weight_decay", self.weight_decay, low=0.0)
+        check_number("label_noise", self.label_noise, low=0.0, high=1.0, high_open=True)
+        check_number("val_split", self.val_split, low=0.0, high=1.0, high_open=True)
         if self.k is not None:
-            _integer("k", self.k, minimum=1)
+            check_integer("k", self.k, minimum=1)
         if self.track_sharpness_every is not None:
-            _integer("track_sharpness_every", self.track_sharpness_every, minimum=1)
-        _number("sam_prob", self.sam_prob, low=0.0, high=1.0)
-        _number("alpha", self.alpha, low=0.0)
-        _number("delta", self.delta, low=0.0, high=1.0, high_open=True)
-        _number("lambda1", self.lambda1, low=-math.inf)
-        _number("lambda2", self.lambda2, low=-math.inf)
+            check_integer("track_sharpness_every", self.track_sharpness_every, minimum=1)
+        check_number("sam_prob", self.sam_prob, low=0.0, high=1.0)
+        check_number("alpha", self.alpha, low=0.0)
+        check_number("delta", self.delta, low=0.0, high=1.0, high_open=True)
+        check_number("lambda1", self.lambda1, low=-math.inf)
+        check_number("lambda2", self.lambda2, low=-math.inf)
         if self.dataset.startswith("cifar") and not self.data_dir:
             raise ConfigError(
                 f"dataset {self.dataset!r} is read from a local folder: pass --data-dir DIR (the folder with the "
@@ -127,15 +127,15 @@ class CompareConfig:
         if not self.optimizers:
             raise ConfigError("optimizers must name at least one optimizer")
         for name in self.optimizers:
-            _choice("optimizers", name, OPTIMIZERS)
+            check_choice("optimizers", name, OPTIMIZERS)
         if len(set(self.optimizers)) != len(self.optimizers):
             raise ConfigError(f"optimizers must not repeat a name, got {self.optimizers}")
-        _integer("seeds", self.seeds, minimum=1)
+        check_integer("seeds", self.seeds, minimum=1)
         if self.rho_grid is not None:
             if not self.rho_grid:
                 raise ConfigError("rho_grid is empty; give at least one value, e.g. --rho-grid 0.05,0.1")
             for rho in self.rho_grid:
-                _number("rho_grid value", rho, low=0.0)
+                check_number("rho_grid value", rho, low=0.0)
             if self.run.val_split <= 0:
                 raise ConfigError("--rho-grid selects rho on a validation split: also pass --val-split (e.g. 0.1)")
             if not any(name in SAM_FAMILY for name in self.optimizers):
@@ -182,17 +182,17 @@ def build_config(values: dict[str, Any], *, compare: bool) -> RunConfig | Compar
 # ----------------------------------------------------------------------------- checks
 
 
-def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ConfigError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
-def _integer(name: str, value: Any, *, minimum: int) -> None:
+def check_integer(name: str, value: Any, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _number(
+def check_number(
     name: str,
     value: Any,
     *,

@@ -38,7 +38,7 @@ from sharpness.curvature import (
     spectral_density,
     top_eigenvalues,
 )
-from sharpness.experiments.config import RunConfig, build_config
+from sharpness.experiments.config import RunConfig, build_config, check_choice, check_integer, check_number
 from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, build_trainer, load_data
 from sharpness.train import CHECKPOINT_NAME, load_checkpoint, write_json
 
@@ -76,25 +76,6 @@ def parse_what(what: str | Sequence[str]) -> list[str]:
     if not names:
         raise ValueError(f"--what names no measurement; valid: {', '.join(WHAT)} (or all)")
     return names
-
-
-def _integer(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _positive(name: str, value: Any) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    if not ok:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _choice(name: str, value: Any, valid: Sequence[str]) -> str:
-    if value not in valid:
-        raise ValueError(f"{name} must be one of {', '.join(valid)}, got {value!r}")
-    return value
 
 
 # ----------------------------------------------------------------------------- loading
@@ -273,25 +254,24 @@ def measure(
         ValueError: a corrupt checkpoint or config, an unknown ``what`` item, a bad number or choice.
     """
     names = parse_what(what)
-    _integer("measure_size", measure_size, 1)
-    _choice("split", split, SPLITS)
-    _choice("mode", mode, ("eval", "train"))
-    _choice("backend", backend, ("double_backward", "forward_over_reverse"))
-    _integer("seed", seed, 0)
-    _integer("top_k", top_k, 1)
-    _integer("samples", samples, 3)
-    _integer("m", m, 1)
-    _integer("max_iter", max_iter, 1)
+    check_integer("measure_size", measure_size, minimum=1)
+    check_choice("split", split, SPLITS)
+    check_choice("mode", mode, ("eval", "train"))
+    check_choice("backend", backend, ("double_backward", "forward_over_reverse"))
+    check_integer("seed", seed, minimum=0)
+    check_integer("top_k", top_k, minimum=1)
+    check_integer("samples", samples, minimum=3)
+    check_integer("m", m, minimum=1)
+    check_integer("max_iter", max_iter, minimum=1)
     if max_iter < top_k:
         raise ValueError(f"max_iter must be >= top_k = {top_k}, got {max_iter}")
-    if isinstance(tol, bool) or not isinstance(tol, int | float) or not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    _integer("density_vectors", density_vectors, 1)
-    _integer("density_steps", density_steps, 1)
-    _integer("sharpness_steps", sharpness_steps, 1)
-    _integer("sharpness_samples", sharpness_samples, 2)
+    check_number("tol", tol, low=0.0)
+    check_integer("density_vectors", density_vectors, minimum=1)
+    check_integer("density_steps", density_steps, minimum=1)
+    check_integer("sharpness_steps", sharpness_steps, minimum=1)
+    check_integer("sharpness_samples", sharpness_samples, minimum=2)
     if rho is not None:
-        _positive("rho", rho)
+        check_number("rho", rho, low=0.0, low_open=True)
     params = [params] if isinstance(params, str) else (list(params) if params else None)
 
     run_dir, checkpoint = _locate(run_dir)
