@@ -22,6 +22,7 @@ from sharpness.experiments.measure import DEFAULT_WHAT, SPLITS, WHAT, format_mea
 from sharpness.experiments.report import write_report
 from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, run_training
 from sharpness.optim.registry import OPTIMIZERS
+from sharpness.reproductions import REPRODUCTIONS, format_checks, reproduce
 from sharpness.train import CHECKPOINT_NAME, Callback, NonFiniteLossError, Trainer, load_checkpoint
 
 
@@ -95,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="regenerate the figure and HTML report of a run folder")
     report.add_argument("run_dir", type=Path)
     _measure_flags(commands)
+    reproduce = commands.add_parser(
+        "reproduce", help="run a paper's experiment and check its claims (PASS/FAIL); 'all' runs every one"
+    )
+    reproduce.add_argument("name", help=f"one of {', '.join(REPRODUCTIONS)}, or all")
+    reproduce.add_argument("--quick", action="store_true", help="the reduced version (well under a minute each)")
+    reproduce.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    reproduce.add_argument("--out", type=Path, default=Path("runs") / "reproduce", help="default runs/reproduce")
     return parser
 
 
@@ -258,6 +266,16 @@ def _measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    """Exit code 0 when every claim checked PASS, 1 when one failed."""
+    results = reproduce(args.name, args.out, quick=args.quick, seed=args.seed)
+    for result in results:
+        print(format_checks(result))
+    where = args.out if args.name == "all" else args.out / args.name
+    print(f"report: {where / 'report.html'}")
+    return 0 if all(result.passed for result in results) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -267,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "measure":
             return _measure(args)
+        if args.command == "reproduce":
+            return _reproduce(args)
         return _train(args) if args.command == "train" else _compare(args)
     except NonFiniteLossError as exc:
         print(f"sharpness: training stopped: {exc}", file=sys.stderr)

@@ -1,0 +1,127 @@
+"""``sharpness reproduce NAME [--quick]``: the papers' experiments, with their claims checked PASS/FAIL.
+
+Each reproduction is a module with ``run(out_dir, quick, seed) -> Reproduction``; it writes its figures into
+``out_dir``. :func:`reproduce` runs one or all of them, writes ``results.json`` (the numbers, settings and checks)
+and a ``report.html`` per reproduction, and a combined ``report.html`` for ``all``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import importlib
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sharpness.reproductions.base import Check, Reproduction
+
+REPRODUCTIONS: dict[str, str] = {
+    "least-squares": "sharpness.reproductions.least_squares",
+}
+"""Name -> module with a ``run(out_dir, quick, seed)`` function (imported when run)."""
+
+Runner = Callable[[Path, bool, int], Reproduction]
+
+
+def runner(name: str) -> Runner:
+    if name not in REPRODUCTIONS:
+        raise ValueError(f"unknown reproduction {name!r}; valid: {', '.join(REPRODUCTIONS)}, all")
+    return importlib.import_module(REPRODUCTIONS[name]).run
+
+
+def reproduce(name: str, out_dir: str | Path, *, quick: bool = False, seed: int = 0) -> list[Reproduction]:
+    """Run ``name`` (or ``"all"``) into ``out_dir/NAME/``; returns the reproductions in order."""
+    names = list(REPRODUCTIONS) if name == "all" else [name]
+    runners = [runner(n) for n in names]  # unknown names fail before anything runs
+    out_dir = Path(out_dir)
+    results = []
+    for n, run in zip(names, runners, strict=True):
+        folder = out_dir / n
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        result = run(folder, quick, seed)
+        result.seconds = time.perf_counter() - started
+        result.settings.setdefault("quick", quick)
+        result.settings.setdefault("seed", seed)
+        (folder / "results.json").write_text(json.dumps(_jsonable(result), indent=2, allow_nan=False) + "\n")
+        (folder / "report.html").write_text(_page(result.title, [_section(result, folder)]))
+        results.append(result)
+    if name == "all":
+        sections = [_section(r, out_dir / r.name, prefix=f"{r.name}/") for r in results]
+        (out_dir / "report.html").write_text(_page("sharpness: reproductions", sections))
+    return results
+
+
+def format_checks(result: Reproduction) -> str:
+    """The claims and their verdicts as a plain-text table (what the command prints)."""
+    lines = [f"{result.title}  ({result.reference})  [{result.seconds:.1f} s]"]
+    for check in result.checks:
+        lines.append(f"  {'PASS' if check.passed else 'FAIL'}  {check.claim}")
+        lines.append(f"        {check.detail}")
+    for assumption in result.assumptions:
+        lines.append(f"  note: {assumption}")
+    return "\n".join(lines)
+
+
+def _jsonable(result: Reproduction) -> dict[str, Any]:
+    return {
+        "name": result.name,
+        "title": result.title,
+        "reference": result.reference,
+        "passed": result.passed,
+        "seconds": result.seconds,
+        "checks": [dataclasses.asdict(check) for check in result.checks],
+        "figures": [Path(figure).name for figure in result.figures],
+        "settings": _finite(result.settings),
+        "assumptions": result.assumptions,
+        "numbers": _finite(result.numbers),
+    }
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf as strings, so the JSON is strict."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _section(result: Reproduction, folder: Path, prefix: str = "") -> str:
+    rows = "".join(
+        f"<tr><td>{'PASS' if c.passed else '<b>FAIL</b>'}</td><td>{html.escape(c.claim)}</td>"
+        f"<td>{html.escape(c.detail)}</td></tr>"
+        for c in result.checks
+    )
+    figures = "".join(
+        f'<img src="{html.escape(prefix + Path(f).name)}" alt="{html.escape(Path(f).stem)}" width="100%">'
+        for f in result.figures
+    )
+    notes = "".join(f"<li>{html.escape(a)}</li>" for a in result.assumptions)
+    return (
+        f"<h2>{html.escape(result.title)}</h2><p>{html.escape(result.reference)}; {result.seconds:.1f} s; "
+        f"settings: <code>{html.escape(json.dumps(_finite(result.settings)))}</code></p>"
+        f"<table><tr><th>verdict</th><th>claim</th><th>numbers</th></tr>{rows}</table>"
+        + (f"<p>Settings the paper leaves open:</p><ul>{notes}</ul>" if notes else "")
+        + figures
+    )
+
+
+def _page(title: str, sections: list[str]) -> str:
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>\n"
+    )
+
+
+__all__ = ["Check", "REPRODUCTIONS", "Reproduction", "format_checks", "reproduce", "runner"]

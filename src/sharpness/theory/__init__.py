@@ -1,0 +1,1 @@
+"""Closed-form theory of sharpness-aware methods, checked against simulation."""
