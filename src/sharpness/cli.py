@@ -1,4 +1,5 @@
-"""The ``sharpness`` command: ``train`` one run, ``compare`` optimizers over seeds, ``report`` a run folder.
+"""The sharpness command: train one run, compare optimizers over seeds, report a run folder, measure the
+curvature of a trained model, reproduce the papers' experiments.
 
 Settings come from, in increasing priority: the defaults, a ``--config file.toml`` (keys as the flags, with
 ``-`` or ``_``), and the flags given. Every setting is checked before any data is loaded.
