@@ -22,6 +22,7 @@ from sharpness.reproductions.base import Check, Reproduction
 REPRODUCTIONS: dict[str, str] = {
     "least-squares": "sharpness.reproductions.least_squares",
     "edge-of-stability": "sharpness.reproductions.edge_of_stability",
+    "linear-stability": "sharpness.reproductions.linear_stability",
 }
 """Name -> module with a ``run(out_dir, quick, seed)`` function (imported when run)."""
 
