@@ -3,23 +3,17 @@
 import json
 from pathlib import Path
 
-import torch
-
 from sharpness.reproductions.linear_stability import run
 
 
-def test_quick_run_writes_its_outputs(tmp_path: Path) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))
-    try:
-        result = run(tmp_path, quick=True, seed=0)
-    finally:
-        torch.set_num_threads(threads)
+def test_quick_run_checks_and_outputs(tmp_path: Path) -> None:
+    result = run(tmp_path, quick=True, seed=0)
     assert result.name == "linear-stability" and len(result.checks) == 4
     by_label = {c.claim[:4]: c for c in result.checks}
-    # the threshold and the bound hold; the trend claims (2b, 2c) are reported honestly and not asserted here
-    assert by_label["(1) "].passed, by_label["(1) "].detail
-    assert by_label["(2a)"].passed, by_label["(2a)"].detail
+    # The threshold, the bound and the growth with B hold; the fall with eta (2c) fails in this setting and is
+    # reported as FAIL by the reproduction (README), so it is not asserted here.
+    for label in ("(1) ", "(2a)", "(2b)"):
+        assert by_label[label].passed, by_label[label].detail
     assert result.figures and all(p.is_file() and p.suffix == ".png" and p.parent == tmp_path for p in result.figures)
     json.dumps(result.numbers, allow_nan=False)
     json.dumps(result.settings, allow_nan=False)
