@@ -32,7 +32,7 @@ class Reproduction:
     numbers: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     assumptions: list[str] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall-clock of the run, set by sharpness.reproductions.reproduce
 
     @property
     def passed(self) -> bool:

@@ -10,7 +10,6 @@ from the previous top eigenvector), ``||g||`` and the |cosine| between ``g`` and
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import matplotlib
@@ -192,7 +191,6 @@ def _rounded(values: list, digits: int = 5) -> list:
 
 def run(out_dir: Path, quick: bool, seed: int) -> Reproduction:
     """Run the edge-of-stability reproduction; figures go to ``out_dir``."""
-    start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -326,5 +324,4 @@ def run(out_dir: Path, quick: bool, seed: int) -> Reproduction:
         numbers=numbers,
         settings=settings,
         assumptions=assumptions,
-        seconds=time.perf_counter() - start,
     )
