@@ -23,7 +23,7 @@ from torch import Tensor  # noqa: E402
 from sharpness.curvature import HessianOperator, gd_edge, sam_edge, top_eigenvalues  # noqa: E402
 from sharpness.data import load_dataset  # noqa: E402
 from sharpness.models import build_model  # noqa: E402
-from sharpness.reproductions.base import Check, Reproduction  # noqa: E402
+from sharpness.reproductions.base import Check, Reproduction, save_figure  # noqa: E402
 
 NAME = "edge-of-stability"
 TITLE = "GD and normalised SAM at the edge of stability"
@@ -179,10 +179,7 @@ def _figure(path: Path, runs: dict[float, dict], eta: float, steps: int, title: 
     for ax in axes[n + 1 :]:
         ax.set_visible(False)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _rounded(values: list, digits: int = 5) -> list:

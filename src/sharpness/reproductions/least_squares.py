@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sharpness.reproductions.base import Check, Reproduction  # noqa: E402
+from sharpness.reproductions.base import Check, Reproduction, save_figure  # noqa: E402
 from sharpness.theory import least_squares as ls  # noqa: E402
 
 NAME = "least-squares"
@@ -53,10 +53,7 @@ def _risk_figure(path: Path, ks, closed: dict, sims: dict, title: str) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run(out_dir: Path, quick: bool, seed: int) -> Reproduction:
@@ -163,10 +160,7 @@ def run(out_dir: Path, quick: bool, seed: int) -> Reproduction:
     axes[1].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    figures.append(out_dir / "least_squares_early_stopping.png")
-    fig.savefig(figures[-1], dpi=110)
-    plt.close(fig)
+    figures.append(save_figure(fig, out_dir / "least_squares_early_stopping.png"))
 
     # ---------------------------------------------------------------- e: divergence threshold
     y_clean = X @ beta_star  # noiseless targets: beta_hat = beta*, a component along v_1 to amplify
@@ -295,10 +289,7 @@ def run(out_dir: Path, quick: bool, seed: int) -> Reproduction:
     axes[1].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    figures.append(out_dir / "least_squares_normalized_sam_divergence.png")
-    fig.savefig(figures[-1], dpi=110)
-    plt.close(fig)
+    figures.append(save_figure(fig, out_dir / "least_squares_normalized_sam_divergence.png"))
 
     settings = {
         "seed": seed,

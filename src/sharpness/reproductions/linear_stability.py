@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from sharpness.curvature import ntk_quantities, sgd_frobenius_bound  # noqa: E402
-from sharpness.reproductions.base import Check, Reproduction  # noqa: E402
+from sharpness.reproductions.base import Check, Reproduction, save_figure  # noqa: E402
 
 NAME = "linear-stability"
 TITLE = "Linear stability of SGD bounds the Hessian's Frobenius norm"
@@ -225,10 +225,7 @@ def run(out_dir: Path, quick: bool, seed: int) -> Reproduction:
            title=f"least squares n={n_lin}, d={d_lin}, B={b_lin}: η* = {eta_star:.4f}")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    figures.append(out_dir / "linear_stability_threshold.png")
-    fig.savefig(figures[-1], dpi=110)
-    plt.close(fig)
+    figures.append(save_figure(fig, out_dir / "linear_stability_threshold.png"))
 
     # ---------------------------------------------------------------- 2: tanh MLP over (eta, B)
     g = torch.Generator().manual_seed(seed)
@@ -323,10 +320,7 @@ def run(out_dir: Path, quick: bool, seed: int) -> Reproduction:
            title="tanh MLP, SGD to interpolation")  # fmt: skip
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    figures.append(out_dir / "linear_stability_frobenius.png")
-    fig.savefig(figures[-1], dpi=110)
-    plt.close(fig)
+    figures.append(save_figure(fig, out_dir / "linear_stability_frobenius.png"))
 
     settings = {
         "seed": seed,
