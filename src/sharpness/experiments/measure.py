@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,8 +38,10 @@ from sharpness.curvature import (
     top_eigenvalues,
 )
 from sharpness.experiments.config import RunConfig, build_config, check_choice, check_integer, check_number
+from sharpness.experiments.figures import pyplot, save_figure
 from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, build_trainer, load_data
 from sharpness.train import CHECKPOINT_NAME, load_checkpoint, write_json
+from sharpness.train.checkpoint import json_safe
 
 __all__ = ["DEFAULT_WHAT", "MEASURE_NAME", "DENSITY_FIGURE", "WHAT", "format_measurements", "measure", "parse_what"]
 
@@ -162,17 +163,6 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 def _floats(t: torch.Tensor) -> list[float]:
     return [float(v) for v in t.detach().cpu().reshape(-1)]
-
-
-def _finite_or_none(obj: Any) -> Any:
-    """``obj`` with every non-finite float replaced by ``None`` (strict JSON has no NaN/inf)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {key: _finite_or_none(value) for key, value in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite_or_none(value) for value in obj]
-    return obj
 
 
 def _sharpness_figures(result: Any, seconds: float) -> dict[str, Any]:
@@ -397,7 +387,7 @@ def measure(
             num_samples=sharpness_samples,
         )
 
-    result = _finite_or_none(result)
+    result = json_safe(result, non_finite=lambda _: None)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / MEASURE_NAME]
     if "density" in result:
@@ -463,11 +453,7 @@ def _measure_sharpness(
 
 def _density_figure(result: dict[str, Any], path: Path) -> None:
     """Log-density against eigenvalue (the SAM paper's Hessian-spectrum plots), top eigenvalues marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     dens = result["density"]
     grid = torch.tensor(dens["grid"], dtype=torch.float64)
     density = torch.tensor([d or 0.0 for d in dens["density"]], dtype=torch.float64)
@@ -491,9 +477,7 @@ def _density_figure(result: dict[str, Any], path: Path) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(True, which="major", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def _num(value: Any) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 from sharpness.curvature.tracking import TRACKING_NAME
 from sharpness.experiments.compare import RUNS_DIR, SUMMARY_NAME, format_table, summarize
 from sharpness.experiments.config import DEFAULT_MODELS
+from sharpness.experiments.figures import pyplot, save_figure
 from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME
 from sharpness.train import write_json
 
@@ -56,29 +57,18 @@ def write_report(run_dir: str | Path) -> list[Path]:
 # ----------------------------------------------------------------------------- figures
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _finish(plt, fig, axes, title: str, path: Path) -> None:
+def _finish(fig, axes, title: str, path: Path) -> None:
     """Grid, legends and title, then save the figure to ``path`` and free it."""
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _curves_figure(series: dict[str, list[list[dict[str, Any]]]], path: Path, title: str) -> None:
     """Test accuracy (or loss) and training loss per epoch; one line per label, mean over its runs, min–max band."""
-    plt = _pyplot()
+    plt = pyplot()
     first = next(iter(series.values()))[0][0]
     top_key = "test_acc" if "test_acc" in first else "test_loss"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -98,7 +88,7 @@ def _curves_figure(series: dict[str, list[list[dict[str, Any]]]], path: Path, ti
     axes[1].set_yscale("log")
     for axis in axes:
         axis.set_xlabel("epoch")
-    _finish(plt, fig, axes, title, path)
+    _finish(fig, axes, title, path)
 
 
 # ----------------------------------------------------------------------------- pages
@@ -184,7 +174,7 @@ def _sharpness_figure(series: dict[str, Path], path: Path, title: str) -> bool:
     tracked = {label: file for label, file in series.items() if file.is_file()}
     if not tracked:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, axis = plt.subplots(figsize=(11, 4))
     for label, file in tracked.items():
         rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
@@ -195,7 +185,7 @@ def _sharpness_figure(series: dict[str, Path], path: Path, title: str) -> bool:
     axis.set_xlabel("step")
     axis.set_ylabel("top Hessian eigenvalue")
     axis.set_yscale("log")
-    _finish(plt, fig, [axis], title, path)
+    _finish(fig, [axis], title, path)
     return True
 
 

@@ -11,13 +11,13 @@ import dataclasses
 import html
 import importlib
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sharpness.reproductions.base import Check, Reproduction
+from sharpness.train.checkpoint import json_safe
 
 REPRODUCTIONS: dict[str, str] = {
     "least-squares": "sharpness.reproductions.least_squares",
@@ -78,21 +78,10 @@ def _jsonable(result: Reproduction) -> dict[str, Any]:
         "seconds": result.seconds,
         "checks": [dataclasses.asdict(check) for check in result.checks],
         "figures": [Path(figure).name for figure in result.figures],
-        "settings": _finite(result.settings),
+        "settings": json_safe(result.settings, non_finite=str),
         "assumptions": result.assumptions,
-        "numbers": _finite(result.numbers),
+        "numbers": json_safe(result.numbers, non_finite=str),
     }
-
-
-def _finite(value: Any) -> Any:
-    """NaN/inf as strings, so the JSON is strict."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _section(result: Reproduction, folder: Path, prefix: str = "") -> str:
@@ -108,7 +97,7 @@ def _section(result: Reproduction, folder: Path, prefix: str = "") -> str:
     notes = "".join(f"<li>{html.escape(a)}</li>" for a in result.assumptions)
     return (
         f"<h2>{html.escape(result.title)}</h2><p>{html.escape(result.reference)}; {result.seconds:.1f} s; "
-        f"settings: <code>{html.escape(json.dumps(_finite(result.settings)))}</code></p>"
+        f"settings: <code>{html.escape(json.dumps(json_safe(result.settings, non_finite=str)))}</code></p>"
         f"<table><tr><th>verdict</th><th>claim</th><th>numbers</th></tr>{rows}</table>"
         + (f"<p>Settings the paper leaves open:</p><ul>{notes}</ul>" if notes else "")
         + figures

@@ -37,13 +37,3 @@ class Reproduction:
     @property
     def passed(self) -> bool:
         return all(check.passed for check in self.checks)
-
-
-def save_figure(fig: Any, path: Path) -> Path:
-    """Lay out, save (PNG, 110 dpi) and close a matplotlib figure; returns ``path``."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -12,18 +12,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+from sharpness.curvature import HessianOperator, gd_edge, sam_edge, top_eigenvalues
+from sharpness.data import load_dataset
+from sharpness.experiments.figures import pyplot, save_figure
+from sharpness.models import build_model
+from sharpness.reproductions.base import Check, Reproduction
 
-from sharpness.curvature import HessianOperator, gd_edge, sam_edge, top_eigenvalues  # noqa: E402
-from sharpness.data import load_dataset  # noqa: E402
-from sharpness.models import build_model  # noqa: E402
-from sharpness.reproductions.base import Check, Reproduction, save_figure  # noqa: E402
+plt = pyplot()
 
 NAME = "edge-of-stability"
 TITLE = "GD and normalised SAM at the edge of stability"

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from sharpness.experiments.figures import pyplot, save_figure
+from sharpness.reproductions.base import Check, Reproduction
+from sharpness.theory import least_squares as ls
 
-from sharpness.reproductions.base import Check, Reproduction, save_figure  # noqa: E402
-from sharpness.theory import least_squares as ls  # noqa: E402
+plt = pyplot()
 
 NAME = "least-squares"
 TITLE = "SAM as implicit regularisation in least squares"

@@ -13,16 +13,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from sharpness.curvature import ntk_quantities, sgd_frobenius_bound
+from sharpness.experiments.figures import pyplot, save_figure
+from sharpness.reproductions.base import Check, Reproduction
 
-from sharpness.curvature import ntk_quantities, sgd_frobenius_bound  # noqa: E402
-from sharpness.reproductions.base import Check, Reproduction, save_figure  # noqa: E402
+plt = pyplot()
 
 NAME = "linear-stability"
 TITLE = "Linear stability of SGD bounds the Hessian's Frobenius norm"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -42,6 +43,17 @@ def write_json(obj: Any, path: str | Path) -> None:
     """Write ``obj`` as indented JSON atomically."""
     data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
     _atomic_write(Path(path), lambda handle: handle.write(data))
+
+
+def json_safe(obj: Any, non_finite: Callable[[float], Any]) -> Any:
+    """``obj`` with every non-finite float replaced by ``non_finite(value)`` (strict JSON has no NaN/inf)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else non_finite(obj)
+    if isinstance(obj, dict):
+        return {key: json_safe(value, non_finite) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(value, non_finite) for value in obj]
+    return obj
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
