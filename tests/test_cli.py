@@ -159,6 +159,8 @@ def test_label_noise_is_deterministic_per_seed_in_a_run(tmp_path: Path) -> None:
         (["compare", "--rho-grid", ",", "--val-split", "0.1"], "rho_grid is empty"),
         (["compare", "--rho-grid", "0.05,0.1"], "--val-split"),
         (["compare", "--optimizers", "sgd,sgd"], "must not repeat"),
+        (["train", "--micro-batch", "8"], "micro_batch (m-sharpness) applies to sam and asam"),
+        (["train", "--optimizer", "sam", "--micro-batch", "0"], "micro_batch must be an integer >= 1"),
         (["train", "--dataset", "cifar10"], "--data-dir"),
         (["train", "--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar"),
         (["train", "--resume", "/nonexistent/run"], "/nonexistent/run"),
@@ -221,3 +223,11 @@ def test_efficient_sam_variants_from_the_cli(tmp_path: Path) -> None:
     assert last["policy_p"] == 0.25
     saved = json.loads((out / "runs" / "looksam-rho0.05-seed0" / "config.json").read_text())
     assert (saved["k"], saved["alpha"]) == (3, 0.3)
+
+
+def test_m_sharpness_training_from_the_cli(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--optimizer", "sam", "--micro-batch", "8", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["micro_batch"] == 8
+    final = json.loads((out / "final.json").read_text())
+    assert final["passes_per_step"] == 2 and final["sam_fraction"] == 1

@@ -68,6 +68,7 @@ def _run_flags(parser: argparse.ArgumentParser, *, single: bool) -> None:
     add("--delta", type=float, help="aesam/aelooksam: EMA factor of ||g||² statistics (default 0.9)")
     add("--lambda1", type=float, help="aesam/aelooksam: threshold c_t at the end of training (default -1)")
     add("--lambda2", type=float, help="aesam/aelooksam: threshold c_t at the start of training (default 1)")
+    add("--micro-batch", type=int, help="sam/asam: m of m-sharpness, a perturbation per micro-batch of m examples")
     add("--out", type=Path, help="run folder (default: runs/<command>-<dataset>-<time>)")
     add("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     add("--quiet", action="store_true", help="no progress bar")

@@ -231,6 +231,40 @@ def test_trainer_arguments_are_checked() -> None:
         Trainer(model, opt, data, epochs=0)
     with pytest.raises(ValueError, match="batch_size"):
         Trainer(model, opt, data, epochs=1, batch_size=0)
+    with pytest.raises(ValueError, match="micro_batch .m-sharpness. needs a sharpness.SAM optimizer, got SGD"):
+        Trainer(model, opt, data, epochs=1, micro_batch=4)
+    with pytest.raises(ValueError, match="micro_batch must be an integer >= 1"):
+        Trainer(model, opt, data, epochs=1, micro_batch=0)
+
+
+def test_micro_batch_steps_are_m_sam_steps_over_the_same_batches() -> None:
+    """micro_batch=m: each batch of 16 is cut into 6, 6, 4 and handed to step_micro_batches, weighted by size."""
+    data = _data()
+    trainer = _trainer(data, "sam", epochs=1, micro_batch=6)
+    state = trainer.fit()
+    assert state.passes == 2 * state.step and state.sam_fraction == 1.0
+    model = _model(data)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, model=model)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6)
+    generator = torch.Generator().manual_seed(0)
+
+    def closure_of(xs, ys):
+        def closure():
+            loss = nn.functional.cross_entropy(model(xs), ys)
+            loss.backward()
+            return loss
+
+        return closure
+
+    for x, y in iterate_batches(data.x_train, data.y_train, 16, shuffle=True, generator=generator):
+        pieces = list(zip(x.split(6), y.split(6), strict=True))
+        opt.step_micro_batches([closure_of(*piece) for piece in pieces], weights=[len(ys) for _, ys in pieces])
+        scheduler.step()
+    for a, b in zip(trainer.model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    whole = _trainer(data, "sam", epochs=1)
+    whole.fit()
+    assert not torch.equal(next(whole.model.parameters()), next(trainer.model.parameters()))
 
 
 def test_callback_state_is_saved_by_name_and_required_on_resume(tmp_path: Path) -> None:

@@ -31,6 +31,8 @@ DEFAULT_MODELS = {
     "synthetic": "mlp",
 }
 SCHEDULES = ("cosine", "constant")
+MICRO_BATCH_OPTIMIZERS = ("sam", "asam")
+"""The optimizers that take ``micro_batch``: m-sharpness steps are SAM steps, never ERM steps."""
 
 
 class ConfigError(ValueError):
@@ -67,6 +69,7 @@ class RunConfig:
     lambda1: float = -1.0  # aesam / aelooksam: threshold c_t at the end of training
     lambda2: float = 1.0  # aesam / aelooksam: threshold c_t at the start
     track_sharpness_every: int | None = None  # measure λ_max, ||g|| and the stability edge every N steps
+    micro_batch: int | None = None  # sam / asam: m of m-sharpness (each micro-batch of m gets its own ε)
 
     @property
     def model_name(self) -> str:
@@ -97,6 +100,13 @@ class RunConfig:
             check_integer("k", self.k, minimum=1)
         if self.track_sharpness_every is not None:
             check_integer("track_sharpness_every", self.track_sharpness_every, minimum=1)
+        if self.micro_batch is not None:
+            check_integer("micro_batch", self.micro_batch, minimum=1)
+            if self.optimizer not in MICRO_BATCH_OPTIMIZERS:
+                raise ConfigError(
+                    f"micro_batch (m-sharpness) applies to {' and '.join(MICRO_BATCH_OPTIMIZERS)}, whose every step "
+                    f"is a SAM step; optimizer {self.optimizer!r} does not take it"
+                )
         check_number("sam_prob", self.sam_prob, low=0.0, high=1.0)
         check_number("alpha", self.alpha, low=0.0)
         check_number("delta", self.delta, low=0.0, high=1.0, high_open=True)

@@ -78,6 +78,7 @@ def build_trainer(config: RunConfig, data: Dataset, callbacks: Sequence[Callback
         seed=config.seed,
         device=config.device,
         callbacks=callbacks,
+        micro_batch=config.micro_batch,
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -499,6 +499,70 @@ class SAM(Optimizer):
         self.second_step()
         return loss
 
+    @torch.no_grad()
+    def step_micro_batches(self, closures: Sequence[Closure], weights: Sequence[float] | None = None) -> Tensor:
+        r"""One m-SAM step: each micro-batch gets its own perturbation (Foret et al., 2021, §4.1 and App. C.3).
+
+        The batch is split into disjoint micro-batches of ``m`` examples, one closure each (it computes the mean
+        loss of its micro-batch and calls ``backward``, as for :meth:`step`). For every micro-batch ``j``,
+        ``ε̂_j`` is built from its own gradient ``g_j`` at ``w`` and the gradient is taken again at ``w + ε̂_j``;
+        the base optimizer then steps with the weighted mean
+
+            g^{SAM} = Σ_j a_j ∇L_j(w + ε̂_j),      a_j = weights_j / Σ_k weights_k   (default: equal),
+
+        which is what data-parallel SAM computes when every accelerator perturbs with its own sub-batch of size
+        ``m``. Pass the micro-batch sizes as ``weights`` when they differ, so that the step is the gradient of the
+        mean loss over the whole batch. ``m`` = the batch size (one closure) is plain SAM; smaller ``m`` is what
+        the paper found to generalise better. Each micro-batch costs two forward/backward passes, so a step costs
+        two passes over the batch, as plain SAM does, but in smaller pieces. Normalisation statistics are
+        updated by every micro-batch's first pass (never by a perturbed pass, when SAM has the ``model``).
+
+        Every step is a SAM step: a switching ``policy`` or a ``reuse`` rule is an error. A micro-batch gradient
+        that is not finite skips the whole step (no base step). Returns ``Σ_j a_j L_j(w)``, the batch loss at
+        ``w``.
+        """
+        closures = list(closures)
+        if not closures:
+            raise ValueError("SAM.step_micro_batches(): closures is empty; give one closure per micro-batch")
+        if not isinstance(self.policy, Always) or self.reuse is not None:
+            raise ValueError(
+                "SAM.step_micro_batches(): m-sharpness steps are always SAM steps; build the SAM without a "
+                f"switching policy or reuse rule (got policy {type(self.policy).__name__}, reuse "
+                f"{type(self.reuse).__name__ if self.reuse is not None else None})"
+            )
+        if self._phase == "perturbed":
+            raise RuntimeError("SAM.step_micro_batches() called while perturbed; call second_step() or restore()")
+        shares = _micro_batch_shares(weights, len(closures))
+        sums: dict[int, tuple[Tensor, Tensor]] = {}  # id(param) -> (param, Σ_j a_j ∇L_j(w + ε̂_j))
+        loss = None
+        for index, (closure, share) in enumerate(zip(closures, shares, strict=True)):
+            closure = torch.enable_grad()(closure)
+            micro_loss = self._evaluate(closure, f"first (micro-batch {index}, at w)")
+            if not self.first_step():
+                self.second_step()  # skipped: no base step
+                return micro_loss
+            try:
+                self._evaluate(closure, f"second (micro-batch {index}, at w + ε)")
+            except BaseException:
+                self._abandon_step()
+                raise
+            self.restore()
+            loss = micro_loss.detach() * share if loss is None else loss + micro_loss.detach() * share
+            for group in self.param_groups:
+                for param in group["params"]:
+                    if param.grad is None:
+                        continue
+                    entry = sums.get(id(param))
+                    if entry is None:
+                        sums[id(param)] = (param, param.grad.mul(share))
+                    else:
+                        entry[1].add_(param.grad, alpha=share)
+        self.zero_grad(set_to_none=True)
+        for param, total in sums.values():
+            param.grad = total
+        self.second_step()
+        return loss
+
     def _evaluate(self, closure: Closure, which: str) -> Any:
         self.zero_grad(set_to_none=True)
         loss = closure()
@@ -568,6 +632,22 @@ class SAM(Optimizer):
 
     def __repr__(self) -> str:
         return f"SAM(base_optimizer={type(self.base_optimizer).__name__}) " + super().__repr__()
+
+
+def _micro_batch_shares(weights: Sequence[float] | None, count: int) -> list[float]:
+    """``weights`` normalised to sum 1 (equal shares when ``None``), checked against the number of closures."""
+    if weights is None:
+        return [1.0 / count] * count
+    weights = list(weights)
+    if len(weights) != count:
+        raise ValueError(f"SAM.step_micro_batches(): {len(weights)} weights for {count} closures; give one each")
+    if not all(isinstance(w, numbers.Real) and math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(
+            f"SAM.step_micro_batches(): weights must be finite numbers >= 0 with a positive sum (e.g. the "
+            f"micro-batch sizes), got {weights}"
+        )
+    total = float(sum(weights))
+    return [float(w) / total for w in weights]
 
 
 def _param_ids(params: Iterable[Any]) -> set[int]:

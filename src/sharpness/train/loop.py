@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -79,6 +79,10 @@ class Trainer:
         device: where the model and the batches live; data stay on the CPU and batches are moved.
         callbacks: see :class:`Callback`; called in order.
         eval_batch_size: batch size of the evaluation passes.
+        micro_batch: ``m`` of m-sharpness: each training batch is split into micro-batches of this many examples
+            (the last one may be smaller) and SAM perturbs each with its own gradient
+            (:meth:`sharpness.SAM.step_micro_batches`); needs a :class:`sharpness.SAM` without a switching
+            policy. ``None`` (default): the whole batch, plain SAM.
     """
 
     def __init__(
@@ -94,11 +98,20 @@ class Trainer:
         device: str | torch.device = "cpu",
         callbacks: Sequence[Callback] = (),
         eval_batch_size: int = 1024,
+        micro_batch: int | None = None,
     ) -> None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if micro_batch is not None:
+            if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
+                raise ValueError(f"micro_batch must be an integer >= 1 (m of m-sharpness), got {micro_batch!r}")
+            if not hasattr(optimizer, "step_micro_batches"):
+                raise ValueError(
+                    f"micro_batch (m-sharpness) needs a sharpness.SAM optimizer, got {type(optimizer).__name__}"
+                )
+        self.micro_batch = micro_batch
         self.model = model.to(device)
         self.optimizer = optimizer
         self.data = data
@@ -145,7 +158,7 @@ class Trainer:
             if augment is not None:
                 x = augment(x, self.augment_generator)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            loss, outputs, passes = self._step(x, y)
+            loss, outputs, targets, passes = self._step(x, y)
             value = loss.item()
             if not math.isfinite(value):
                 raise NonFiniteLossError(
@@ -160,30 +173,45 @@ class Trainer:
             loss_sum += value * len(y)
             seen += len(y)
             if self.data.task == "classification":
-                correct += int((outputs.argmax(1) == y).sum())
+                correct += int((outputs.argmax(1) == targets).sum())
             step = StepOutput(self.state.epoch, self.state.step, value, passes, x, y)
             for callback in self.callbacks:
                 callback.on_step_end(self, step)
         return {"loss": loss_sum / seen, "correct": correct, "seen": seen}
 
-    def _step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, int]:
-        """One optimizer step; returns (loss at w, outputs of the first pass, number of passes)."""
-        passes = 0
-        first_outputs: list[Tensor] = []
+    def _step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+        """One optimizer step; returns the loss at w, the first pass's outputs and their targets, and the number
+        of passes over the batch."""
+        calls = 0
+        m = self.micro_batch if self.micro_batch is not None else len(y)
+        pieces = list(zip(x.split(m), y.split(m), strict=True))
+        first_outputs: list[Tensor | None] = [None] * len(pieces)
 
-        def closure() -> Tensor:
-            nonlocal passes
-            passes += 1
-            self.optimizer.zero_grad(set_to_none=True)
-            outputs = self.model(x)
-            loss = self.loss_fn(outputs, y)
-            loss.backward()
-            if not first_outputs:
-                first_outputs.append(outputs.detach())
-            return loss
+        def closure_for(index: int) -> Callable[[], Tensor]:
+            xs, ys = pieces[index]
 
-        loss = self.optimizer.step(closure)
-        return loss, first_outputs[0], passes
+            def closure() -> Tensor:
+                nonlocal calls
+                calls += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                outputs = self.model(xs)
+                loss = self.loss_fn(outputs, ys)
+                loss.backward()
+                if first_outputs[index] is None:
+                    first_outputs[index] = outputs.detach()
+                return loss
+
+            return closure
+
+        if self.micro_batch is None:
+            loss = self.optimizer.step(closure_for(0))
+        else:
+            closures = [closure_for(index) for index in range(len(pieces))]
+            loss = self.optimizer.step_micro_batches(closures, weights=[len(ys) for _, ys in pieces])
+        # A skipped m-SAM step (non-finite gradient) stops before the later micro-batches' first passes.
+        evaluated = [index for index, outputs in enumerate(first_outputs) if outputs is not None]
+        outputs = torch.cat([first_outputs[i] for i in evaluated])
+        return loss, outputs, torch.cat([pieces[i][1] for i in evaluated]), round(calls / len(pieces))
 
     # ------------------------------------------------------------------ evaluation
 
