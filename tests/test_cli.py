@@ -118,6 +118,18 @@ def test_equal_compute_gives_one_pass_optimizers_twice_the_epochs(tmp_path: Path
     assert rows["sgd"]["epochs"] == 2 and rows["sam"]["epochs"] == 1
 
 
+def test_first_seed_shifts_the_seeds_and_matches_a_train_run(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    assert main(["compare", *TINY, "--epochs", "1", "--seeds", "2", "--first-seed", "3", "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        "sam-rho0.05-seed3", "sam-rho0.05-seed4", "sgd-seed3", "sgd-seed4"
+    ]  # fmt: skip
+    single = tmp_path / "single"
+    assert main(["train", *TINY, "--epochs", "1", "--seed", "4", "--out", str(single)]) == 0
+    compared = json.loads((out / "runs" / "sgd-seed4" / "final.json").read_text())
+    assert compared["test_acc"] == json.loads((single / "final.json").read_text())["test_acc"]
+
+
 def test_rho_grid_selects_on_validation_and_reports_test(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     args = ["compare", *TINY, "--epochs", "1", "--seeds", "2", "--optimizers", "sam"]
@@ -159,6 +171,7 @@ def test_label_noise_is_deterministic_per_seed_in_a_run(tmp_path: Path) -> None:
         (["compare", "--rho-grid", ",", "--val-split", "0.1"], "rho_grid is empty"),
         (["compare", "--rho-grid", "0.05,0.1"], "--val-split"),
         (["compare", "--optimizers", "sgd,sgd"], "must not repeat"),
+        (["compare", "--first-seed", "-1"], "first_seed must be an integer >= 0"),
         (["train", "--micro-batch", "8"], "micro_batch (m-sharpness) applies to sam and asam"),
         (["train", "--optimizer", "sam", "--micro-batch", "0"], "micro_batch must be an integer >= 1"),
         (["train", "--dataset", "cifar10"], "--data-dir"),

@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_flags(comp, single=False)
     comp.add_argument("--optimizers", type=_names, default=argparse.SUPPRESS, help="comma list (default sgd,sam)")
     comp.add_argument("--seeds", type=int, default=argparse.SUPPRESS, help="number of seeds (default 3)")
+    comp.add_argument("--first-seed", type=int, default=argparse.SUPPRESS, help="seeds start here (default 0)")
     comp.add_argument(
         "--rho-grid", type=_floats, default=argparse.SUPPRESS, help="select rho on --val-split from these"
     )

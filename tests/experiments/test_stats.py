@@ -1,11 +1,12 @@
-"""The 95% confidence interval against scipy's Student-t distribution."""
+"""The 95% confidence interval against scipy's Student-t distribution; rank correlations against scipy."""
 
 import math
 
+import numpy as np
 import pytest
 from scipy import stats
 
-from sharpness.experiments.stats import mean_ci95, t_quantile_975
+from sharpness.experiments.stats import kendall_tau, mean_ci95, spearman, t_quantile_975
 
 
 @pytest.mark.parametrize("df", [1, 2, 4, 9, 29, 30])
@@ -33,3 +34,22 @@ def test_single_value_and_errors() -> None:
         mean_ci95([])
     with pytest.raises(ValueError):
         t_quantile_975(0)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_rank_correlations_match_scipy(ties: bool) -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        a = rng.normal(size=9)
+        b = a + rng.normal(size=9)
+        if ties:  # rounding makes ties in both
+            a, b = np.round(a), np.round(b)
+        assert spearman(list(a), list(b)) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
+        assert kendall_tau(list(a), list(b)) == pytest.approx(stats.kendalltau(a, b).statistic, abs=1e-12)
+
+
+def test_rank_correlation_edge_cases() -> None:
+    assert kendall_tau([1, 2, 3], [3, 2, 1]) == -1 and spearman([1, 2, 3], [10, 20, 30]) == 1
+    assert math.isnan(kendall_tau([1, 1, 1], [1, 2, 3])) and math.isnan(spearman([1.0], [2.0]))
+    with pytest.raises(ValueError, match="needs pairs: got 2 and 3"):
+        kendall_tau([1, 2], [1, 2, 3])

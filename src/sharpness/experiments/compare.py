@@ -35,7 +35,7 @@ def plan_runs(config: CompareConfig) -> Iterator[RunConfig]:
     for optimizer in config.optimizers:
         grid = config.rho_grid if config.rho_grid and optimizer in SAM_FAMILY else [config.run.rho]
         for rho in grid:
-            for seed in range(config.seeds):
+            for seed in range(config.first_seed, config.first_seed + config.seeds):
                 yield dataclasses.replace(
                     config.run, optimizer=optimizer, rho=rho, seed=seed, epochs=config.epochs_for(optimizer)
                 )

@@ -129,6 +129,7 @@ class CompareConfig:
     run: RunConfig = field(default_factory=RunConfig)
     optimizers: list[str] = field(default_factory=lambda: ["sgd", "sam"])
     seeds: int = 3
+    first_seed: int = 0  # the runs use seeds first_seed, ..., first_seed + seeds - 1
     rho_grid: list[float] | None = None  # select rho on validation for the SAM-family optimizers
     equal_compute: bool = False  # optimizers with one pass per step get twice the epochs
 
@@ -141,6 +142,7 @@ class CompareConfig:
         if len(set(self.optimizers)) != len(self.optimizers):
             raise ConfigError(f"optimizers must not repeat a name, got {self.optimizers}")
         check_integer("seeds", self.seeds, minimum=1)
+        check_integer("first_seed", self.first_seed, minimum=0)
         if self.rho_grid is not None:
             if not self.rho_grid:
                 raise ConfigError("rho_grid is empty; give at least one value, e.g. --rho-grid 0.05,0.1")

@@ -23,6 +23,8 @@ REPRODUCTIONS: dict[str, str] = {
     "least-squares": "sharpness.reproductions.least_squares",
     "edge-of-stability": "sharpness.reproductions.edge_of_stability",
     "linear-stability": "sharpness.reproductions.linear_stability",
+    "efficient": "sharpness.reproductions.efficient",
+    "sam": "sharpness.reproductions.sam",
 }
 """Name -> module with a ``run(out_dir, quick, seed)`` function (imported when run)."""
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from sharpness.curvature import ntk_quantities, sgd_frobenius_bound
 from sharpness.experiments.figures import pyplot, save_figure
+from sharpness.experiments.stats import spearman
 from sharpness.reproductions.base import Check, Reproduction
 
 plt = pyplot()
@@ -144,14 +145,6 @@ def _as_module(W1, b1, w2) -> nn.Module:
     return model
 
 
-def _rank_corr(a, b) -> float:
-    """Spearman rank correlation (no ties expected)."""
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    if len(a) < 2:
-        return math.nan
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 def run(out_dir: Path, quick: bool, seed: int) -> Reproduction:
     """Run the linear-stability reproduction; figures go to ``out_dir``."""
     out_dir = Path(out_dir)
@@ -275,12 +268,12 @@ def run(out_dir: Path, quick: bool, seed: int) -> Reproduction:
     for eta in etas:
         bs = [b for b in batches if (eta, b) in med]
         if len(bs) >= 2:
-            corr_b[f"{eta:g}"] = _rank_corr(np.log(bs), [med[(eta, b)] for b in bs])
+            corr_b[f"{eta:g}"] = spearman(list(np.log(bs)), [med[(eta, b)] for b in bs])
     corr_eta = {}
     for batch in batches:
         es = [e for e in etas if (e, batch) in med]
         if len(es) >= 2:
-            corr_eta[str(batch)] = _rank_corr(np.log(es), [med[(e, batch)] for e in es])
+            corr_eta[str(batch)] = spearman(list(np.log(es)), [med[(e, batch)] for e in es])
     checks.append(
         Check(
             "(2b) the median (over init seeds) ||H||_F at convergence grows with B at every fixed eta (Spearman rank "

@@ -1,0 +1,323 @@
+"""Reproduction of Jiang, Yang, Zhang & Kwok, "An adaptive policy to employ sharpness-aware minimization" (AE-SAM and
+AE-LookSAM; ICLR 2023, arXiv 2304.14647); papers.md §2.
+
+AE-SAM pays for SAM's second (perturbed) pass only where the squared norm of the first-pass gradient,
+``s_t = ||g_t||²``, is large relative to its moving statistics: a SAM step iff ``s_t ≥ μ_t + c_t σ_t`` with
+
+    μ_t = δ μ_{t-1} + (1-δ) s_t,     σ²_t = δ σ²_{t-1} + (1-δ) (s_t - μ_t)²,     c_t = (t/T) λ₁ + (1 - t/T) λ₂,
+
+and an ERM step otherwise (AE-LookSAM: LookSAM's reuse step instead). Under the paper's normal model
+``s_t ~ N(μ_t, σ²_t)`` step ``t`` is a SAM step with probability ``P(Z ≥ c_t) = Φ(-c_t)``, so the expected fraction of
+SAM steps over a stretch of training is the mean of ``Φ(-c_t)`` over its steps: 1/2 overall for λ₁ = -1, λ₂ = 1,
+rising from ``Φ(-1) ≈ 0.16`` to ``Φ(1) ≈ 0.84``. (``||g||²`` is right-skewed rather than normal, so this is an
+idealisation: the check allows ``TOLERANCE``.)
+
+On MNIST-1D with ``cnn1d`` (the defaults of ``sharpness compare``) we train SGD, SAM, RandomSAM, LookSAM, AE-SAM and
+AE-LookSAM over seeds with :func:`sharpness.experiments.compare.compare`, and check AE-SAM's measured SAM fraction
+(overall, by quarter of training) against ``Φ(-c_t)``, that AE-SAM and AE-LookSAM reach SAM's test accuracy with fewer
+than two passes per step, and the wall-clock order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sharpness.experiments.compare import RUNS_DIR, compare, load_runs, summarize
+from sharpness.experiments.config import CompareConfig, RunConfig
+from sharpness.experiments.figures import pyplot, save_figure
+from sharpness.experiments.report import read_metrics
+from sharpness.reproductions.base import Check, Reproduction
+
+plt = pyplot()
+
+NAME = "efficient"
+TITLE = "AE-SAM: SAM steps where ||g||² is high, at SAM's accuracy for fewer passes"
+REFERENCE = "Jiang, Yang, Zhang & Kwok, ICLR 2023, arXiv 2304.14647"
+COMPARE_DIR = "compare"  # the comparison's folder under out_dir (a `sharpness compare` folder)
+TOLERANCE = 0.1  # check (1a): |measured − predicted| overall SAM fraction
+LABELS = {
+    "sgd": "SGD",
+    "sam": "SAM",
+    "randomsam": "RandomSAM",
+    "looksam": "LookSAM",
+    "aesam": "AE-SAM",
+    "aelooksam": "AE-LookSAM",
+}
+
+
+# ---------------------------------------------------------------------------------------------- the schedule
+def schedule_threshold(t: np.ndarray, total_steps: int, lambda1: float, lambda2: float) -> np.ndarray:
+    """``c_t = (t/T) λ₁ + (1 - t/T) λ₂`` at steps ``t`` (0-based; held at ``λ₁`` from ``t = T`` on)."""
+    progress = np.minimum(np.asarray(t, dtype=float) / total_steps, 1.0)
+    return progress * lambda1 + (1.0 - progress) * lambda2
+
+
+def normal_sam_probability(c: np.ndarray) -> np.ndarray:
+    """``P(s ≥ μ + cσ) = Φ(-c)`` for normal ``s`` (the paper's model)."""
+    return np.array([0.5 * math.erfc(x / math.sqrt(2.0)) for x in np.ravel(c)]).reshape(np.shape(c))
+
+
+def epoch_sam_fractions(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(steps at the end of each epoch, fraction of that epoch's steps that were SAM steps), from the run's
+    ``metrics.jsonl`` (cumulative ``step`` and ``sam_steps`` per epoch)."""
+    records = read_metrics(run_dir)
+    steps = np.array([0] + [r["step"] for r in records])
+    sam_steps = np.array([0] + [r["sam_steps"] for r in records])
+    return steps[1:], np.diff(sam_steps) / np.diff(steps)
+
+
+def schedule_summary(run_dirs: list[Path], lambda1: float, lambda2: float) -> dict[str, Any]:
+    """Measured SAM fractions of an adaptive optimizer's runs (mean over runs) per epoch, per quarter of training
+    (epochs split into four contiguous groups), per half and overall, beside the normal model's prediction (the
+    mean over the same steps of ``Φ(-c_t)``, ``T`` = the runs' number of steps)."""
+    ends = epoch_sam_fractions(run_dirs[0])[0]
+    fractions = np.array([epoch_sam_fractions(d)[1] for d in run_dirs])  # (runs, epochs)
+    starts = np.concatenate([[0], ends[:-1]])
+    total = int(ends[-1])
+    c = schedule_threshold(np.arange(total), total, lambda1, lambda2)
+    normal = normal_sam_probability(c)
+
+    def measured(epochs: np.ndarray) -> float:
+        weights = ends[epochs] - starts[epochs]
+        return float(np.mean(fractions[:, epochs] @ weights / weights.sum()))
+
+    def predicted(epochs: np.ndarray) -> float:
+        return float(normal[starts[epochs[0]] : ends[epochs[-1]]].mean())
+
+    def parts(count: int) -> dict[str, list]:
+        groups = np.array_split(every, count)
+        return {
+            "epochs": [[int(g[0]) + 1, int(g[-1]) + 1] for g in groups],
+            "measured": [measured(g) for g in groups],
+            "normal": [predicted(g) for g in groups],
+        }
+
+    every = np.arange(len(ends))
+    return {
+        "total_steps": total,
+        "overall": {"measured": measured(every), "normal": predicted(every)},
+        "halves": parts(2),
+        "quarters": parts(4),
+        "epochs": {
+            "measured_mean": fractions.mean(axis=0).tolist(),
+            "measured_min": fractions.min(axis=0).tolist(),
+            "measured_max": fractions.max(axis=0).tolist(),
+            "normal": [predicted(np.array([e])) for e in every],
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the comparison
+def optimizer_table(out_dir: Path, optimizers: list[str]) -> dict[str, dict[str, Any]]:
+    """Per optimizer of a comparison folder: test accuracy mean and 95% CI over seeds (``summarize``'s), SAM fraction
+    and passes per step (means), and the median over seeds of the training wall-clock, also relative to SGD's."""
+    runs = load_runs(out_dir)
+    summary_rows = {row["optimizer"]: row for row in summarize(out_dir)["rows"]}
+    table = {}
+    for name in optimizers:
+        row = summary_rows[name]
+        seconds = [r["final"]["train_seconds"] for r in runs if r["config"]["optimizer"] == name]
+        table[name] = {
+            "seeds": row["seeds"],
+            "test_acc_mean": row["test_acc_mean"],
+            "test_acc_ci95": row["test_acc_ci95"],
+            "sam_fraction": row["sam_fraction_mean"],
+            "passes_per_step": row["passes_per_step_mean"],
+            "train_seconds_median": float(np.median(seconds)),
+        }
+    for row in table.values():
+        row["time_vs_sgd"] = row["train_seconds_median"] / table["sgd"]["train_seconds_median"]
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def _accuracy_figure(path: Path, table: dict[str, dict[str, Any]], title: str) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    sam = table["sam"]
+    band = (100 * (sam["test_acc_mean"] - sam["test_acc_ci95"]), 100 * (sam["test_acc_mean"] + sam["test_acc_ci95"]))
+    for ax, key, xlabel in (
+        (axes[0], "passes_per_step", "forward/backward passes per step (mean over seeds)"),
+        (axes[1], "time_vs_sgd", "training wall-clock / SGD's (medians over seeds)"),
+    ):
+        ax.axhspan(*band, color="grey", alpha=0.15, label="SAM's 95% CI")
+        for i, (name, row) in enumerate(table.items()):
+            ax.errorbar(row[key], 100 * row["test_acc_mean"], yerr=100 * row["test_acc_ci95"], fmt="o", capsize=4,
+                        color=colours[i % len(colours)], label=LABELS[name])  # fmt: skip
+        ax.set(xlabel=xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set(ylabel="test accuracy % (mean ± 95% CI)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def _fraction_figure(path: Path, schedules: dict[str, dict[str, Any]], title: str) -> Path:
+    fig, axes = plt.subplots(1, len(schedules), figsize=(5.5 * len(schedules), 4.2), squeeze=False)
+    for ax, (name, sched) in zip(axes[0], schedules.items(), strict=True):
+        per_epoch = sched["epochs"]
+        epochs = np.arange(1, len(per_epoch["measured_mean"]) + 1)
+        ax.fill_between(epochs, per_epoch["measured_min"], per_epoch["measured_max"], color="tab:blue", alpha=0.2,
+                        label="measured, min–max over seeds")  # fmt: skip
+        ax.plot(epochs, per_epoch["measured_mean"], color="tab:blue", lw=1.5, label="measured, mean over seeds")
+        ax.plot(epochs, per_epoch["normal"], "k--", lw=1.2, label="normal model: mean Φ(−c_t)")
+        for (first, last), value in zip(sched["quarters"]["epochs"], sched["quarters"]["measured"], strict=True):
+            ax.hlines(value, first - 0.5, last + 0.5, color="tab:green", lw=2.5, alpha=0.8)
+        ax.plot([], [], color="tab:green", lw=2.5, label="measured, by quarter")
+        ax.set(xlabel="epoch", ylabel="fraction of SAM steps in the epoch", title=LABELS[name], ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- run
+def run(out_dir: Path, quick: bool, seed: int) -> Reproduction:
+    """Run the AE-SAM reproduction; the comparison's run folders go to ``out_dir/compare`` (replaced if present)
+    and the figures to ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------- settings
+    optimizers = ["sgd", "sam", "aesam", "aelooksam"] if quick else list(LABELS)
+    seeds = 2 if quick else 5
+    epochs = 12 if quick else 60
+    config = CompareConfig(run=RunConfig(epochs=epochs, threads=1), optimizers=optimizers, seeds=seeds, first_seed=seed)
+    lambda1, lambda2 = config.run.lambda1, config.run.lambda2
+
+    folder = out_dir / COMPARE_DIR
+    shutil.rmtree(folder, ignore_errors=True)
+    threads = torch.get_num_threads()
+    try:
+        compare(config, folder)
+    finally:
+        torch.set_num_threads(threads)  # run_training sets the process-wide count
+    table = optimizer_table(folder, optimizers)
+    runs = load_runs(folder)
+    schedules = {
+        name: schedule_summary(
+            [folder / RUNS_DIR / r["label"] for r in runs if r["config"]["optimizer"] == name], lambda1, lambda2
+        )
+        for name in ("aesam", "aelooksam")
+    }
+    checks: list[Check] = []
+
+    # ---------------------------------------------------------------- 1: AE-SAM's SAM fraction follows Phi(-c_t)
+    ae = schedules["aesam"]
+    overall, halves, quarters = ae["overall"], ae["halves"], ae["quarters"]
+
+    def listed(values: list[float]) -> str:
+        return "/".join(f"{v:.3f}" for v in values)
+
+    quarter_detail = (
+        f"by quarter (epochs {', '.join(f'{a}-{b}' for a, b in quarters['epochs'])}): measured "
+        f"{listed(quarters['measured'])}, normal model {listed(quarters['normal'])}"
+    )
+    difference = abs(overall["measured"] - overall["normal"])
+    checks.append(
+        Check(
+            f"(1a) AE-SAM (δ={config.run.delta:g}, λ1={lambda1:g}, λ2={lambda2:g}) takes SAM steps at the rate its "
+            "schedule predicts under the paper's normal model s_t ~ N(μ_t, σ_t²), P(SAM at t) = Φ(−c_t): the overall "
+            f"fraction (mean over seeds) is within {TOLERANCE:g} of mean_t Φ(−c_t)",
+            difference <= TOLERANCE,
+            f"overall measured {overall['measured']:.3f} vs predicted {overall['normal']:.3f}, |diff| = "
+            f"{difference:.3f}; {quarter_detail}",
+        )
+    )
+    checks.append(
+        Check(
+            "(1b) AE-SAM's SAM fraction rises over training as the schedule predicts (c_t falls from λ2 to λ1): the "
+            "measured fraction in the second half of training exceeds the first half's (mean over seeds)",
+            halves["measured"][1] > halves["measured"][0],
+            f"halves: measured {listed(halves['measured'])}, normal model {listed(halves['normal'])}; "
+            f"{quarter_detail} (T = {ae['total_steps']} steps)",
+        )
+    )
+
+    # ---------------------------------------------------------------- 2, 3: SAM's accuracy at fewer passes
+    sam = table["sam"]
+    floor = sam["test_acc_mean"] - sam["test_acc_ci95"]
+    for label, name in (("(2)", "aesam"), ("(3)", "aelooksam")):
+        row = table[name]
+        checks.append(
+            Check(
+                f"{label} {LABELS[name]} reaches SAM's test accuracy with fewer passes: its mean test accuracy over "
+                f"{seeds} seeds is at least SAM's mean minus SAM's 95% CI half-width (comparable or better), and it "
+                "takes fewer than 2 forward/backward passes per step",
+                row["test_acc_mean"] >= floor and row["passes_per_step"] < 2.0,
+                f"{LABELS[name]} {100 * row['test_acc_mean']:.2f} ± {100 * row['test_acc_ci95']:.2f}% vs SAM "
+                f"{100 * sam['test_acc_mean']:.2f} ± {100 * sam['test_acc_ci95']:.2f}% (floor {100 * floor:.2f}%; "
+                f"difference {100 * (row['test_acc_mean'] - sam['test_acc_mean']):+.2f} pts); "
+                f"{row['passes_per_step']:.3f} passes/step = {row['passes_per_step'] / sam['passes_per_step']:.0%} "
+                f"of SAM's (SAM fraction {row['sam_fraction']:.3f}); SGD {100 * table['sgd']['test_acc_mean']:.2f} ± "
+                f"{100 * table['sgd']['test_acc_ci95']:.2f}%",
+            )
+        )
+
+    # ---------------------------------------------------------------- 4: wall-clock order
+    seconds = {name: row["train_seconds_median"] for name, row in table.items()}
+    others = [seconds[n] for n in optimizers if n not in ("sgd", "sam")]
+    checks.append(
+        Check(
+            "(4) the passes saved show in wall-clock: SGD trains fastest and SAM slowest; every efficient variant "
+            "lies in between (median training seconds over seeds, evaluation excluded, single-threaded)",
+            all(seconds["sgd"] < s < seconds["sam"] for s in others),
+            ", ".join(f"{LABELS[n]} {seconds[n]:.2f} s ({table[n]['time_vs_sgd']:.2f}x)" for n in optimizers),
+        )
+    )
+
+    title = f"cnn1d on MNIST-1D, {epochs} epochs, {seeds} seeds"
+    figures = [
+        _accuracy_figure(out_dir / "efficient_accuracy.png", table, f"{title}: accuracy against cost"),
+        _fraction_figure(out_dir / "efficient_sam_fraction.png", schedules, f"{title}: SAM steps against the schedule"),
+    ]
+    settings = {
+        "seed": seed,
+        "quick": quick,
+        "dataset": "mnist1d (4000 train / 1000 test, data_seed 42, no label noise)",
+        "model": "cnn1d",
+        "optimizers": optimizers,
+        "seeds": list(range(seed, seed + seeds)),
+        "epochs": epochs,
+        "run": {k: v for k, v in dataclasses.asdict(config.run).items() if k not in ("optimizer", "seed", "device")},
+        "looksam_k": 5,
+        "compare_folder": COMPARE_DIR,
+        "tolerance": TOLERANCE,
+    }
+    assumptions = [
+        f"the runs are those of `sharpness compare` with its defaults (SGD with momentum 0.9, lr 0.05 cosine, batch "
+        f"64, weight decay 5e-4, ρ = 0.05), trained on seeds {seed}..{seed + seeds - 1} (a seed fixes the "
+        "initialisation, the batch order and RandomSAM's draws; MNIST-1D's examples are the standard fixed set)",
+        "MNIST-1D with cnn1d stands in for the paper's CIFAR-10/100 and ImageNet networks; clean labels (the paper's "
+        "label-noise experiments are not reproduced: run takes no noise option)",
+        "AE-SAM's defaults δ = 0.9, λ1 = −1, λ2 = 1 are those believed to be the paper's (not checked against the "
+        "PDF); μ, σ² are seeded with μ = s_0, σ² = 0 at the first step (so the first step is a SAM step)",
+        f"LookSAM and AE-LookSAM use α = {config.run.alpha:g} (the paper's 0.7 collapses training on this problem) "
+        "and LookSAM k = 5; RandomSAM takes a SAM step with probability 0.5",
+        "the prediction averages Φ(−c_t) over the steps of a stretch of training; the tolerance of (1a) allows for "
+        "||g||² being right-skewed rather than normal; halves and quarters split the epochs into contiguous groups",
+        "in the first epoch ||g||² grows about twentyfold as the network leaves its initial plateau and the moving "
+        "mean lags behind it, so about half of that epoch's steps are SAM steps whatever c_t; in the short quick run "
+        "this lifts the first quarter to the second's level (the halves still rise)",
+        "'reaches SAM's accuracy' means: mean test accuracy at least SAM's mean minus SAM's 95% CI half-width (t "
+        "interval over seeds); with few seeds the interval is wide",
+        "times are the training loop's wall-clock (evaluation excluded) with torch.set_num_threads(1), on a CPU that "
+        "other work may share; the median over seeds is reported",
+    ]
+    return Reproduction(
+        name=NAME,
+        title=TITLE,
+        reference=REFERENCE,
+        checks=checks,
+        figures=figures,
+        numbers={"optimizers": table, "schedules": schedules},
+        settings=settings,
+        assumptions=assumptions,
+    )

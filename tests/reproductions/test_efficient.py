@@ -1,0 +1,78 @@
+"""The AE-SAM reproduction (Jiang et al., ICLR 2023): the schedule's predictions, the quick run's checks and files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from sharpness.reproductions.efficient import normal_sam_probability, run, schedule_threshold
+
+
+def test_threshold_moves_from_lambda2_to_lambda1_and_stays() -> None:
+    c = schedule_threshold(np.array([0, 50, 100, 150]), 100, lambda1=-1.0, lambda2=1.0)
+    np.testing.assert_allclose(c, [1.0, 0.0, -1.0, -1.0])
+
+
+def test_sam_probability_of_the_normal_model() -> None:
+    c = np.linspace(-2.0, 2.0, 41)
+    np.testing.assert_allclose(normal_sam_probability(c), norm.sf(c), rtol=1e-12)
+    # averaged over a linear schedule from c = 1 to c = -1: 1/2
+    grid = schedule_threshold(np.arange(100_000), 100_000, lambda1=-1.0, lambda2=1.0)
+    assert normal_sam_probability(grid).mean() == pytest.approx(0.5, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("efficient")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = run(out, quick=True, seed=0)
+        threads_after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    return out, result, threads_after
+
+
+def test_quick_run_checks_and_outputs(quick) -> None:
+    out, result, threads_after = quick
+    assert threads_after == 2  # the runs' single thread does not leak out
+    assert result.name == "efficient" and len(result.checks) == 5
+    by_label = {c.claim.split(")")[0] + ")": c for c in result.checks}
+    # (4) compares wall-clock times on a shared CPU: reported, not asserted.
+    for label in ("(1a)", "(1b)", "(2)", "(3)"):
+        assert by_label[label].passed, by_label[label].detail
+    assert result.figures and all(p.is_file() and p.suffix == ".png" and p.parent == out for p in result.figures)
+    json.dumps(result.numbers, allow_nan=False)
+    json.dumps(result.settings, allow_nan=False)
+    assert len(list((out / "compare" / "runs").iterdir())) == 4 * 2
+    assert (out / "compare" / "summary.json").is_file()
+
+
+def test_quick_run_numbers_are_consistent(quick) -> None:
+    _, result, _ = quick
+    table = result.numbers["optimizers"]
+    assert list(table) == ["sgd", "sam", "aesam", "aelooksam"]
+    assert (table["sgd"]["passes_per_step"], table["sgd"]["sam_fraction"]) == (1.0, 0.0)
+    assert (table["sam"]["passes_per_step"], table["sam"]["sam_fraction"]) == (2.0, 1.0)
+    assert table["sgd"]["time_vs_sgd"] == 1.0
+    for name in ("aesam", "aelooksam"):
+        row = table[name]
+        assert 0.2 < row["sam_fraction"] < 0.8
+        assert row["passes_per_step"] == pytest.approx(1.0 + row["sam_fraction"])
+        schedule = result.numbers["schedules"][name]
+        # the fractions derived from the per-epoch metrics add up to the runs' final counts
+        assert schedule["overall"]["measured"] == pytest.approx(row["sam_fraction"], abs=1e-12)
+
+    # the normal model's predictions, recomputed independently: 12 epochs of 63 steps, quarters of 3 epochs
+    schedule = result.numbers["schedules"]["aesam"]
+    total = schedule["total_steps"]
+    assert total == 12 * 63
+    p = norm.sf(1.0 - 2.0 * np.arange(total) / total)
+    np.testing.assert_allclose(schedule["quarters"]["normal"], p.reshape(4, -1).mean(axis=1), rtol=1e-9)
+    np.testing.assert_allclose(schedule["halves"]["normal"], p.reshape(2, -1).mean(axis=1), rtol=1e-9)
+    np.testing.assert_allclose(schedule["epochs"]["normal"], p.reshape(12, -1).mean(axis=1), rtol=1e-9)
+    assert schedule["overall"]["normal"] == pytest.approx(p.mean(), rel=1e-9)
+    assert schedule["quarters"]["epochs"] == [[1, 3], [4, 6], [7, 9], [10, 12]]
