@@ -19,12 +19,12 @@ from typing import Any
 from sharpness.reproductions.base import Check, Reproduction
 from sharpness.train.checkpoint import json_safe
 
-REPRODUCTIONS: dict[str, str] = {
-    "least-squares": "sharpness.reproductions.least_squares",
-    "edge-of-stability": "sharpness.reproductions.edge_of_stability",
-    "linear-stability": "sharpness.reproductions.linear_stability",
-    "efficient": "sharpness.reproductions.efficient",
+REPRODUCTIONS: dict[str, str] = {  # in the order of papers.md
     "sam": "sharpness.reproductions.sam",
+    "efficient": "sharpness.reproductions.efficient",
+    "least-squares": "sharpness.reproductions.least_squares",
+    "linear-stability": "sharpness.reproductions.linear_stability",
+    "edge-of-stability": "sharpness.reproductions.edge_of_stability",
 }
 """Name -> module with a ``run(out_dir, quick, seed)`` function (imported when run)."""
 

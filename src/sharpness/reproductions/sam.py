@@ -92,7 +92,6 @@ class Job:
     config: RunConfig
     num_samples: int
     measure: Plan | None
-    rho_measure: float
 
 
 def _run_job(job: Job) -> dict[str, Any]:
@@ -104,7 +103,7 @@ def _run_job(job: Job) -> dict[str, Any]:
     trainer.fit()
     result: dict[str, Any] = {"final": trainer.final_metrics()}
     if job.measure is not None:
-        result.update(_measure(trainer.model, data, job.measure, job.rho_measure, config.seed))
+        result.update(_measure(trainer.model, data, job.measure, RHO_CLEAN, config.seed))
     return result
 
 
@@ -133,7 +132,11 @@ def _measure(model: torch.nn.Module, data: Any, plan: Plan, rho: float, seed: in
 
 def _train_all(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
     if workers <= 1:
-        return [_run_job(job) for job in jobs]
+        threads = torch.get_num_threads()
+        try:
+            return [_run_job(job) for job in jobs]
+        finally:
+            torch.set_num_threads(threads)  # the runs are single-threaded; the caller's setting is put back
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_run_job, jobs))
 
@@ -151,7 +154,7 @@ def _plan_jobs(plan: Plan, seed: int) -> dict[tuple[str, float, int | None], lis
         for s in range(plan.seeds):
             config = replace(BASE, optimizer=optimizer, rho=rho, label_noise=noise, micro_batch=m, seed=seed + s,
                              epochs=plan.epochs)  # fmt: skip
-            jobs.append(Job(config.validate(), plan.num_samples, plan if noise == 0 else None, RHO_CLEAN))
+            jobs.append(Job(config.validate(), plan.num_samples, plan if noise == 0 else None))
     return groups
 
 
