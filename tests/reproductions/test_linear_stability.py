@@ -9,11 +9,8 @@ from sharpness.reproductions.linear_stability import run
 def test_quick_run_checks_and_outputs(tmp_path: Path) -> None:
     result = run(tmp_path, quick=True, seed=0)
     assert result.name == "linear-stability" and len(result.checks) == 4
-    by_label = {c.claim[:4]: c for c in result.checks}
-    # The threshold, the bound and the growth with B hold; the fall with eta (2c) fails in this setting and is
-    # reported as FAIL by the reproduction (README), so it is not asserted here.
-    for label in ("(1) ", "(2a)", "(2b)"):
-        assert by_label[label].passed, by_label[label].detail
+    for check in result.checks:
+        assert check.passed, f"{check.claim}: {check.detail}"
     assert result.figures and all(p.is_file() and p.suffix == ".png" and p.parent == tmp_path for p in result.figures)
     json.dumps(result.numbers, allow_nan=False)
     json.dumps(result.settings, allow_nan=False)
