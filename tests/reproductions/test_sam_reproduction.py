@@ -1,10 +1,12 @@
 """The SAM reproduction (Foret et al. 2021) runs in quick mode, its claims hold, and it writes its outputs."""
 
 import json
+from dataclasses import replace
 
 import pytest
+import torch
 
-from sharpness.reproductions.sam import QUICK, run
+from sharpness.reproductions.sam import QUICK, _plan_jobs, _train_all, run
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +38,16 @@ def test_quick_run_numbers_and_outputs(quick) -> None:
     for runs in result.numbers["noisy_runs"].values():
         for r in runs:  # under label noise the model is scored on the noisy labels it was trained on
             assert r["train_acc"] != r["train_clean_acc"]
+
+
+def test_results_do_not_depend_on_the_number_of_workers() -> None:
+    tiny = replace(QUICK, seeds=1, num_samples=400, epochs=2, noise_levels=(0.0,), measure_size=64, measure_m=(8, 64))
+    jobs = [job for group in _plan_jobs(tiny, seed=5).values() for job in group]
+    assert [job.config.micro_batch for job in jobs] == [None, None, *tiny.micro_batches]
+    threads = torch.get_num_threads()
+    in_process = _train_all(jobs, workers=1)
+    assert torch.get_num_threads() == threads  # the single-threaded runs leave the caller's setting alone
+    in_workers = _train_all(jobs, workers=2)
+    for result in (*in_process, *in_workers):
+        del result["final"]["train_seconds"]  # wall-clock, the only figure that may differ
+    assert in_workers == in_process
