@@ -547,7 +547,8 @@ class SAM(Optimizer):
                 self._abandon_step()
                 raise
             self.restore()
-            loss = micro_loss.detach() * share if loss is None else loss + micro_loss.detach() * share
+            weighted = torch.as_tensor(micro_loss).detach() * share
+            loss = weighted if loss is None else loss + weighted
             for group in self.param_groups:
                 for param in group["params"]:
                     if param.grad is None:

@@ -182,36 +182,53 @@ class Trainer:
     def _step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
         """One optimizer step; returns the loss at w, the first pass's outputs and their targets, and the number
         of passes over the batch."""
+        if self.micro_batch is not None:
+            return self._micro_batch_step(x, y)
+        passes = 0
+        first_outputs: list[Tensor] = []
+
+        def closure() -> Tensor:
+            nonlocal passes
+            passes += 1
+            loss, outputs = self._forward_backward(x, y)
+            if not first_outputs:
+                first_outputs.append(outputs)
+            return loss
+
+        loss = self.optimizer.step(closure)
+        return loss, first_outputs[0], y, passes
+
+    def _micro_batch_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+        """An m-SAM step: a closure per micro-batch of ``micro_batch`` examples, weighted by their sizes."""
         calls = 0
-        m = self.micro_batch if self.micro_batch is not None else len(y)
-        pieces = list(zip(x.split(m), y.split(m), strict=True))
+        pieces = list(zip(x.split(self.micro_batch), y.split(self.micro_batch), strict=True))
         first_outputs: list[Tensor | None] = [None] * len(pieces)
 
         def closure_for(index: int) -> Callable[[], Tensor]:
-            xs, ys = pieces[index]
-
             def closure() -> Tensor:
                 nonlocal calls
                 calls += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                outputs = self.model(xs)
-                loss = self.loss_fn(outputs, ys)
-                loss.backward()
+                loss, outputs = self._forward_backward(*pieces[index])
                 if first_outputs[index] is None:
-                    first_outputs[index] = outputs.detach()
+                    first_outputs[index] = outputs
                 return loss
 
             return closure
 
-        if self.micro_batch is None:
-            loss = self.optimizer.step(closure_for(0))
-        else:
-            closures = [closure_for(index) for index in range(len(pieces))]
-            loss = self.optimizer.step_micro_batches(closures, weights=[len(ys) for _, ys in pieces])
-        # A skipped m-SAM step (non-finite gradient) stops before the later micro-batches' first passes.
+        closures = [closure_for(index) for index in range(len(pieces))]
+        loss = self.optimizer.step_micro_batches(closures, weights=[len(ys) for _, ys in pieces])
+        # A skipped step (non-finite gradient) stops before the later micro-batches' first passes.
         evaluated = [index for index, outputs in enumerate(first_outputs) if outputs is not None]
         outputs = torch.cat([first_outputs[i] for i in evaluated])
         return loss, outputs, torch.cat([pieces[i][1] for i in evaluated]), round(calls / len(pieces))
+
+    def _forward_backward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Zero the gradients, then forward and backward on ``(x, y)``; returns the loss and the (detached) outputs."""
+        self.optimizer.zero_grad(set_to_none=True)
+        outputs = self.model(x)
+        loss = self.loss_fn(outputs, y)
+        loss.backward()
+        return loss, outputs.detach()
 
     # ------------------------------------------------------------------ evaluation
 
