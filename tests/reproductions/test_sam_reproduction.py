@@ -41,9 +41,9 @@ def test_quick_run_numbers_and_outputs(quick) -> None:
 
 
 def test_results_do_not_depend_on_the_number_of_workers() -> None:
-    tiny = replace(QUICK, seeds=1, num_samples=400, epochs=2, noise_levels=(0.0,), measure_size=64, measure_m=(8, 64))
+    tiny = replace(QUICK, seeds=1, num_samples=400, epochs=2, measure_size=64, measure_m=(8, 64))
     jobs = [job for group in _plan_jobs(tiny, seed=5).values() for job in group]
-    assert [job.config.micro_batch for job in jobs] == [None, None, *tiny.micro_batches]
+    assert [job.config.micro_batch for job in jobs] == [None] * 2 * len(tiny.noise_levels) + [*tiny.micro_batches]
     threads = torch.get_num_threads()
     in_process = _train_all(jobs, workers=1)
     assert torch.get_num_threads() == threads  # the single-threaded runs leave the caller's setting alone
@@ -51,3 +51,12 @@ def test_results_do_not_depend_on_the_number_of_workers() -> None:
     for result in (*in_process, *in_workers):
         del result["final"]["train_seconds"]  # wall-clock, the only figure that may differ
     assert in_workers == in_process
+
+
+def test_a_plan_that_cannot_test_the_claims_is_refused() -> None:
+    with pytest.raises(ValueError, match="noise_levels must hold 0 and at least one level > 0"):
+        replace(QUICK, noise_levels=(0.0,))
+    with pytest.raises(ValueError, match=r"micro_batches must name m values in \[1, 64\)"):
+        replace(QUICK, micro_batches=(64,))
+    with pytest.raises(ValueError, match="measure_m needs two or more sizes <= measure_size"):
+        replace(QUICK, measure_m=(8, 100_000))

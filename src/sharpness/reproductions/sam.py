@@ -46,9 +46,12 @@ TITLE = "SAM: better generalisation, robustness to label noise, flatter minima, 
 REFERENCE = "Foret, Kleiner, Mobahi & Neyshabur, ICLR 2021, arXiv 2010.01412"
 
 
+BASE = RunConfig(dataset="mnist1d", model="cnn1d", lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=64)
+
+
 @dataclass(frozen=True)
 class Plan:
-    """The sizes of the experiment (full and quick versions)."""
+    """The settings of the experiment: :data:`FULL`, :data:`QUICK`, or your own (``run(..., plan=...)``)."""
 
     seeds: int
     num_samples: int  # MNIST-1D examples generated, 80% for training (the standard set: 5000)
@@ -58,6 +61,21 @@ class Plan:
     measure_size: int  # training examples the curvature and m-sharpness are measured on
     measure_m: tuple[int, ...]  # batch sizes of the measured m-sharpness; the last is the whole measurement set
     sharpness_steps: int  # projected-ascent steps of each worst-case ρ-sharpness
+    rho_clean: float = 0.05  # SAM and m-SAM on clean labels, and the measured m-sharpness (the paper's CIFAR-10 ρ)
+    rho_noise: float = 0.1  # SAM under label noise (the paper's choice there)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if 0.0 not in self.noise_levels or not any(n > 0 for n in self.noise_levels):
+            problems.append(f"noise_levels must hold 0 and at least one level > 0, got {self.noise_levels}")
+        if not self.micro_batches or not all(1 <= m < BASE.batch_size for m in self.micro_batches):
+            problems.append(f"micro_batches must name m values in [1, {BASE.batch_size}), got {self.micro_batches}")
+        if len(self.measure_m) < 2 or max(self.measure_m) > self.measure_size:
+            problems.append(f"measure_m needs two or more sizes <= measure_size, got {self.measure_m}")
+        if self.seeds < 1:
+            problems.append(f"seeds must be >= 1, got {self.seeds}")
+        if problems:
+            raise ValueError("sam reproduction plan: " + "; ".join(problems))
 
 
 FULL = Plan(
@@ -80,8 +98,6 @@ QUICK = Plan(  # the same schedule on a smaller training set
     measure_m=(8, 256),
     sharpness_steps=5,
 )
-BASE = RunConfig(dataset="mnist1d", model="cnn1d", lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=64)
-RHO_CLEAN, RHO_NOISE = 0.05, 0.1  # the paper: 0.05 on clean CIFAR-10, 0.1 under label noise
 LANCZOS = {"k": 5, "tol": 1e-4, "max_iter": 100}
 
 
@@ -103,11 +119,11 @@ def _run_job(job: Job) -> dict[str, Any]:
     trainer.fit()
     result: dict[str, Any] = {"final": trainer.final_metrics()}
     if job.measure is not None:
-        result.update(_measure(trainer.model, data, job.measure, RHO_CLEAN, config.seed))
+        result.update(_measure(trainer.model, data, job.measure, config.seed))
     return result
 
 
-def _measure(model: torch.nn.Module, data: Any, plan: Plan, rho: float, seed: int) -> dict[str, Any]:
+def _measure(model: torch.nn.Module, data: Any, plan: Plan, seed: int) -> dict[str, Any]:
     """Top-5 Hessian eigenvalues and the m-sharpness at every ``plan.measure_m`` on the first training examples."""
     x, y = data.x_train[: plan.measure_size], data.y_train[: plan.measure_size]
     loss_fn = torch.nn.functional.cross_entropy
@@ -116,7 +132,14 @@ def _measure(model: torch.nn.Module, data: Any, plan: Plan, rho: float, seed: in
     )
     sharpness = {
         str(m): m_sharpness(
-            model, loss_fn, x, y, m, rho, steps=plan.sharpness_steps, generator=torch.Generator().manual_seed(seed)
+            model,
+            loss_fn,
+            x,
+            y,
+            m,
+            plan.rho_clean,
+            steps=plan.sharpness_steps,
+            generator=torch.Generator().manual_seed(seed),
         ).value
         for m in plan.measure_m
     }
@@ -150,7 +173,7 @@ def _plan_jobs(plan: Plan, seed: int) -> dict[tuple[str, float, int | None], lis
     for m in plan.micro_batches:
         groups[("sam", 0.0, m)] = []
     for (optimizer, noise, m), jobs in groups.items():
-        rho = RHO_CLEAN if noise == 0 else RHO_NOISE
+        rho = plan.rho_clean if noise == 0 else plan.rho_noise
         for s in range(plan.seeds):
             config = replace(BASE, optimizer=optimizer, rho=rho, label_noise=noise, micro_batch=m, seed=seed + s,
                              epochs=plan.epochs)  # fmt: skip
@@ -172,12 +195,16 @@ def _pm(stat: dict[str, float], scale: float = 100.0, digits: int = 2) -> str:
     return f"{scale * stat['mean']:.{digits}f} ± {half}"
 
 
-def run(out_dir: Path, quick: bool, seed: int, *, workers: int | None = None) -> Reproduction:
-    """Run the SAM reproduction; figures go to ``out_dir``. ``workers``: parallel training processes (default:
-    the CPU count, at most 2 per the project's 2-core target; 1 trains in this process)."""
+def run(out_dir: Path, quick: bool, seed: int, *, workers: int | None = None, plan: Plan | None = None) -> Reproduction:
+    """Run the SAM reproduction; figures go to ``out_dir``.
+
+    ``workers``: parallel training processes (default: the CPU count, at most 2 per the project's 2-core target;
+    1 trains in this process). ``plan``: the settings (default :data:`QUICK` or :data:`FULL` as ``quick`` says);
+    e.g. ``dataclasses.replace(FULL, rho_noise=0.05, seeds=5)``.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan = QUICK if quick else FULL
+    plan = plan if plan is not None else (QUICK if quick else FULL)
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
     groups = _plan_jobs(plan, seed)
     flat = [job for jobs in groups.values() for job in jobs]
@@ -213,13 +240,13 @@ def run(out_dir: Path, quick: bool, seed: int, *, workers: int | None = None) ->
         else f"the mean paired gain SAM − SGD (same seed) is > 0 ({plan.seeds} seeds: too few for a CI test)"
     )
     checks: list[Check] = [
-        Check(f"(1a) clean MNIST-1D: SAM (ρ={RHO_CLEAN:g}) is more accurate than SGD: {paired}",
+        Check(f"(1a) clean MNIST-1D: SAM (ρ={plan.rho_clean:g}) is more accurate than SGD: {paired}",
               gain_above_zero(0.0), f"test accuracy % (mean ± 95% CI): {detail(0.0)}")
     ]  # fmt: skip
     noisy = [n for n in plan.noise_levels if n > 0]
     checks.append(
         Check(
-            f"(1b) under symmetric label noise ({', '.join(f'{n:.0%}' for n in noisy)}) SAM (ρ={RHO_NOISE:g}) is "
+            f"(1b) under symmetric label noise ({', '.join(f'{n:.0%}' for n in noisy)}) SAM (ρ={plan.rho_noise:g}) is "
             f"more accurate than SGD at every level: {paired}",
             all(gain_above_zero(n) for n in noisy),
             "; ".join(f"{n:.0%}: {detail(n)}" for n in noisy),
@@ -316,9 +343,6 @@ def run(out_dir: Path, quick: bool, seed: int, *, workers: int | None = None) ->
             f"{BASE.momentum}, lr {BASE.lr} cosine, "
             f"weight decay {BASE.weight_decay}, batch {batch}, {plan.epochs} epochs"
         ),
-        "rho_clean": RHO_CLEAN,
-        "rho_noise": RHO_NOISE,
-        "rho_measured": RHO_CLEAN,
         "lanczos": LANCZOS,
         "workers": workers,
     }
@@ -326,16 +350,16 @@ def run(out_dir: Path, quick: bool, seed: int, *, workers: int | None = None) ->
         "MNIST-1D with the cnn1d network stands in for the paper's CIFAR / ImageNet models (WRN, PyramidNet, "
         "ResNet), with `sharpness compare`'s default hyper-parameters (not tuned); the quick version generates "
         f"{QUICK.num_samples} MNIST-1D examples instead of 5000 (lower accuracies, same schedule)",
-        f"ρ = {RHO_CLEAN:g} on clean data and {RHO_NOISE:g} under label noise (the paper's CIFAR-10 choices; "
+        f"ρ = {plan.rho_clean:g} on clean data and {plan.rho_noise:g} under label noise (the paper's CIFAR-10 choices; "
         "not tuned on a validation split here)",
         "label noise: symmetric, exactly that fraction of training labels replaced by a different class drawn "
         "uniformly (deterministic per seed); test labels are clean",
         "the paper's spectrum is measured on WRN without BatchNorm; cnn1d has no normalisation layers either; "
         f"the Hessian is of the mean cross-entropy on the first {plan.measure_size} training examples, without "
         "weight decay",
-        f"m-SAM runs use ρ = {RHO_CLEAN:g}; m-sharpness is measured with worst-case ρ-sharpness (ρ = {RHO_CLEAN:g}, "
-        f"L2 ball, {plan.sharpness_steps} projected-ascent steps) on disjoint batches of the first "
-        f"{plan.measure_size} training examples; the largest m is the whole measurement set",
+        f"m-SAM runs use ρ = {plan.rho_clean:g}; m-sharpness is measured with worst-case ρ-sharpness "
+        f"(ρ = {plan.rho_clean:g}, L2 ball, {plan.sharpness_steps} projected-ascent steps) on disjoint batches of "
+        f"the first {plan.measure_size} training examples; the largest m is the whole measurement set",
         "the generalisation gap is train accuracy − test accuracy at the end of training; the rank agreement is "
         "Kendall's τ_b (the paper plots a correlation; its exact statistic is not pinned down here)",
     ]
