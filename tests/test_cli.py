@@ -73,8 +73,9 @@ def test_progress_bar_is_shown_without_quiet(tmp_path: Path) -> None:
     assert re.search(r"100%\|.*1/1", result.stderr)
 
 
-def test_resume_through_the_cli_continues_exactly(tmp_path: Path) -> None:
-    """Stop a run after epoch 2 of 4, resume it with ``train --resume``: same weights as an unbroken run."""
+def test_resume_through_the_cli_continues_exactly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Ctrl-C after epoch 2 of 4 exits 130 naming the resume command; ``train --resume``: the same weights as an
+    unbroken run."""
     base = ["train", "--dataset", "synthetic", "--optimizer", "sam", "--epochs", "4", "--batch-size", "32", "--quiet"]
     assert main([*base, "--out", str(tmp_path / "whole")]) == 0
 
@@ -88,10 +89,11 @@ def test_resume_through_the_cli_continues_exactly(tmp_path: Path) -> None:
     original = runner.build_trainer
     runner.build_trainer = lambda config, data, callbacks=(): original(config, data, [*callbacks, Stop()])
     try:
-        with pytest.raises(KeyboardInterrupt):
-            main([*base, "--out", str(tmp_path / "broken")])
+        assert main([*base, "--out", str(tmp_path / "broken")]) == 130
     finally:
         runner.build_trainer = original
+    err = capsys.readouterr().err
+    assert err == f"sharpness: interrupted; resume with: sharpness train --resume {tmp_path / 'broken'}\n"
     assert load_checkpoint(tmp_path / "broken")["train_state"]["epoch"] == 2
     assert main(["train", "--resume", str(tmp_path / "broken"), "--quiet"]) == 0
 
@@ -165,8 +167,8 @@ def test_label_noise_is_deterministic_per_seed_in_a_run(tmp_path: Path) -> None:
         (["train", "--model", "vgg"], "unknown model 'vgg'"),
         (["train", "--optimizer", "lion"], "unknown optimizer 'lion'; valid: sgd, adam, sam, asam"),
         (["train", "--epochs", "-3"], "epochs must be an integer >= 1"),
-        (["train", "--label-noise", "1.0"], "label_noise must be a finite number in [0, 1)"),
-        (["train", "--rho", "-0.1"], "rho must be a finite number in [0, inf]"),
+        (["train", "--label-noise", "1.0"], "label_noise must be a number in [0, 1)"),
+        (["train", "--rho", "-0.1"], "rho must be a finite number >= 0"),
         (["train", "--val-split", "1.5"], "val_split"),
         (["compare", "--rho-grid", ",", "--val-split", "0.1"], "rho_grid is empty"),
         (["compare", "--rho-grid", "0.05,0.1"], "--val-split"),

@@ -130,10 +130,12 @@ def test_checkpoint_path_default_out_and_python_api(run: Path, tmp_path: Path) -
     assert from_file["checkpoint"] == str(run / "checkpoint.pt") and from_file["epoch"] == 1
     assert not (run / "measure" / "spectral_density.png").exists()  # no density asked for
     # the other backend and train mode (the MLP has no BatchNorm/dropout: the same Hessian)
-    other = measure(run, ["eig"], top_k=1, measure_size=32, backend="forward_over_reverse", mode="train", out=tmp_path)
+    other = measure(
+        run, ["eig"], top_k=1, measure_size=32, backend="forward_over_reverse", mode="train", out=tmp_path / "o"
+    )
     assert other["eig"]["eigenvalues"][0] == pytest.approx(from_dir["eig"]["eigenvalues"][0], rel=1e-4)
     # more examples than the split holds: all of them; the test split is another measurement set
-    big = measure(run, "eig", top_k=1, measure_size=10**6, split="test", out=tmp_path)
+    big = measure(run, "eig", top_k=1, measure_size=10**6, split="test", out=tmp_path / "big")
     assert big["settings"]["num_examples"] == 256 and big["settings"]["split"] == "test"
     assert big["eig"]["eigenvalues"][0] != from_dir["eig"]["eigenvalues"][0]
     # no side effects: the global RNG and the checkpoint are as they were
@@ -177,11 +179,25 @@ def test_missing_or_foreign_paths_and_corrupt_checkpoints(run: Path, tmp_path: P
     broken = tmp_path / "broken"
     broken.mkdir()
     shutil.copy(run / "config.json", broken / "config.json")
-    assert "no checkpoint" in _error(["measure", str(broken)], capsys)
+    err = _error(["measure", str(broken)], capsys)
+    assert "no checkpoint" in err and f"train it with: sharpness train --resume {broken}" in err
     (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")
     err = _error(["measure", str(broken)], capsys)
     assert "corrupt" in err and str(broken / "checkpoint.pt") in err
     assert "validation split" in _error(["measure", str(run), "--split", "val"], capsys)
+
+
+def test_an_earlier_measurement_is_not_overwritten_without_force(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "m"
+    flags = ["--what", "trace", "--samples", "3"]
+    _measure_cli(run, out, *flags)
+    first = (out / "measure.json").read_bytes()
+    err = _error(["measure", str(run), *flags, "--out", str(out)], capsys)
+    assert f"{out / 'measure.json'} already exists" in err and "--force" in err and err.count("\n") == 1
+    assert (out / "measure.json").read_bytes() == first
+    assert _measure_cli(run, out, *flags, "--seed", "1", "--force")["settings"]["seed"] == 1
 
 
 @pytest.mark.parametrize(
@@ -191,8 +207,8 @@ def test_missing_or_foreign_paths_and_corrupt_checkpoints(run: Path, tmp_path: P
         (["--samples", "2"], "samples must be an integer >= 3"),
         (["--top-k", "0"], "top_k must be an integer >= 1"),
         (["--top-k", "2000000", "--max-iter", "2000000"], "top_k = 2000000 exceeds"),
-        (["--rho", "-0.1"], "rho must be a finite number in (0, inf]"),
-        (["--rho", "nan"], "rho must be a finite number in (0, inf]"),
+        (["--rho", "-0.1"], "rho must be a finite number > 0"),
+        (["--rho", "nan"], "rho must be a finite number > 0"),
         (["--m", "0"], "m must be an integer >= 1"),
         (["--seed", "-1"], "seed must be an integer >= 0"),
         (["--max-iter", "3", "--top-k", "5"], "max_iter must be >= top_k"),

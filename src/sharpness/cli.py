@@ -8,23 +8,31 @@ Settings come from, in increasing priority: the defaults, a ``--config file.toml
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import inspect
-import json
+import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from sharpness.data import DATASETS
 from sharpness.experiments.compare import RUNS_DIR, compare, format_table, plan_runs, run_label
-from sharpness.experiments.config import ConfigError, RunConfig, build_config, read_toml
+from sharpness.experiments.config import DEFAULT_MODELS, ConfigError, RunConfig, build_config, read_toml
 from sharpness.experiments.measure import DEFAULT_WHAT, SPLITS, WHAT, format_measurements, measure
 from sharpness.experiments.report import write_report
 from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, run_training
 from sharpness.optim.registry import OPTIMIZERS
 from sharpness.reproductions import REPRODUCTIONS, format_checks, reproduce
-from sharpness.train import CHECKPOINT_NAME, Callback, NonFiniteLossError, Trainer, load_checkpoint
+from sharpness.train import CHECKPOINT_NAME, Callback, NonFiniteLossError, Trainer, load_checkpoint, read_json, to_json
+
+RUNTIME_SETTINGS = ("device", "threads")
+"""The settings a resumed run may change: where and how fast it computes, not what."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run; the message says how to resume it (exit status 130)."""
 
 
 def _floats(text: str) -> list[float]:
@@ -144,6 +152,7 @@ def _measure_flags(commands: Any) -> None:
     add("--device", "cpu or cuda[:N] (default: the run's)")
     add("--threads", "torch CPU threads (default: torch's own choice)", type=int)
     add("--out", "output folder (default: RUN_DIR/measure)", type=Path)
+    meas.add_argument("--force", action="store_true", help="overwrite an earlier measure.json in the output folder")
 
 
 class EpochProgress(Callback):
@@ -171,7 +180,7 @@ def _progress_bar(total: int, done: int, quiet: bool) -> Any:
 def _epochs_done(run_dir: Path) -> int:
     """Epochs a (resumable) run folder has completed: all of them once final, else its checkpoint's."""
     if (run_dir / FINAL_NAME).is_file():
-        return json.loads((run_dir / FINAL_NAME).read_text())["epochs"]
+        return read_json(run_dir / FINAL_NAME)["epochs"]
     if (run_dir / CHECKPOINT_NAME).is_file():
         return load_checkpoint(run_dir)["train_state"]["epoch"]
     return 0
@@ -195,8 +204,8 @@ def _saved_settings(run_dir: Path, kind: str) -> dict[str, Any]:
     path = run_dir / CONFIG_NAME
     if not path.is_file():
         raise ConfigError(f"cannot resume: {path} does not exist (is {run_dir} a sharpness run folder?)")
-    saved = json.loads(path.read_text())
-    if saved.pop("kind", None) != kind:
+    saved = read_json(path)
+    if not isinstance(saved, dict) or saved.pop("kind", None) != kind:
         raise ConfigError(f"cannot resume: {run_dir} is not a '{kind}' run folder")
     if kind == "compare":
         saved.update(saved.pop("run"))
@@ -204,12 +213,68 @@ def _saved_settings(run_dir: Path, kind: str) -> dict[str, Any]:
 
 
 def _resolved_settings(args: argparse.Namespace, kind: str) -> dict[str, Any]:
-    """The settings of a new run, or of the resumed one (where only --device and --threads may change)."""
+    """The settings of a new run, or the saved settings of the resumed one.
+
+    A resumed run may change only ``--device`` and ``--threads``; any other setting given (a flag or a ``--config``
+    key) whose value differs from the saved one is a ConfigError naming each (a longer ``--epochs`` would change
+    the cosine schedule, so the run would not continue: it would be another run).
+    """
     if "resume" not in args:
         return _settings(args)
-    values = _saved_settings(args.resume, kind)
-    values.update({key: value for key, value in _settings(args).items() if key in ("device", "threads")})
-    return values
+    saved = _saved_settings(args.resume, kind)
+    given = _settings(args)
+    build_config({**saved, **given}, compare=kind == "compare")  # unknown keys and bad values first
+    conflicts = [
+        f"{_flag(key, value)} differs from the run's saved {key} {_shown(_effective(key, saved))}"
+        for key, value in given.items()
+        if key not in RUNTIME_SETTINGS and _effective(key, saved | given) != _effective(key, saved)
+    ]
+    if "out" in args and args.out.resolve() != args.resume.resolve():
+        conflicts.append(f"--out {args.out} differs from the run folder {args.resume}")
+    if conflicts:
+        raise ConfigError(
+            f"cannot resume {args.resume}: {'; '.join(conflicts)}; a resumed run continues with its saved settings "
+            "(only --device and --threads may change): drop the flag(s), or start a new run with --out"
+        )
+    return saved | {key: value for key, value in given.items() if key in RUNTIME_SETTINGS}
+
+
+def _effective(key: str, values: dict[str, Any]) -> Any:
+    """The value of setting ``key`` in ``values``; an unset model is the dataset's default model."""
+    if key == "model" and values.get("model") is None:
+        return DEFAULT_MODELS.get(values.get("dataset", RunConfig.dataset))
+    return values.get(key)
+
+
+def _flag(key: str, value: Any) -> str:
+    """``key = value`` as the flag that gives it, e.g. ``--epochs 100``, ``--no-augment``."""
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    return f"{flag} {_shown(value)}"
+
+
+def _shown(value: Any) -> str:
+    """A setting's value as it is written on the command line (lists comma-separated)."""
+    if isinstance(value, list):
+        return ",".join(f"{item:g}" if isinstance(item, float) else str(item) for item in value)
+    return str(value)
+
+
+@contextlib.contextmanager
+def _resumable(command: str, run_dir: Path) -> Iterator[None]:
+    """Turn Ctrl-C into :class:`Interrupted`, whose message is the command that resumes ``run_dir``.
+
+    The checkpoints are written atomically, so the run folder keeps the last completed one.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not (run_dir / CONFIG_NAME).is_file():
+            raise Interrupted(f"interrupted before {run_dir} was written; there is nothing to resume") from None
+        raise Interrupted(
+            f"interrupted; resume with: sharpness {command} --resume {shlex.quote(str(run_dir))}"
+        ) from None
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -217,16 +282,20 @@ def _train(args: argparse.Namespace) -> int:
     config = build_config(_resolved_settings(args, "train"), compare=False)
     assert isinstance(config, RunConfig)
     run_dir = args.resume if resume else _out_dir(args, config.dataset)
-    bar = _progress_bar(config.epochs, _epochs_done(run_dir) if resume else 0, args.quiet)
+    done = _epochs_done(run_dir) if resume else 0
+    if resume and done == 0:
+        print(f"{run_dir} has no checkpoint (the run stopped before its first one): training it from the start")
+    bar = _progress_bar(config.epochs, done, args.quiet)
     callbacks = [EpochProgress(bar, config.optimizer)] if bar is not None else []
     try:
-        final = run_training(config, run_dir, resume=resume, callbacks=callbacks)
+        with _resumable("train", run_dir):
+            final = run_training(config, run_dir, resume=resume, callbacks=callbacks)
+            write_report(run_dir)
     finally:
         if bar is not None:
             bar.close()
-    write_report(run_dir)
     shown = {k: v for k, v in final.items() if isinstance(v, int | float)}
-    print(json.dumps(shown, indent=2))
+    print(to_json(shown, indent=2))
     print(f"run folder: {run_dir}  (report: {run_dir / 'report.html'})")
     return 0
 
@@ -239,16 +308,17 @@ def _compare(args: argparse.Namespace) -> int:
     done = sum(_epochs_done(out_dir / RUNS_DIR / run_label(run)) for run in runs) if resume else 0
     bar = _progress_bar(sum(run.epochs for run in runs), done, args.quiet)
     try:
-        summary = compare(
-            config,
-            out_dir,
-            resume=resume,
-            callbacks=lambda run: [EpochProgress(bar, run_label(run))] if bar is not None else [],
-        )
+        with _resumable("compare", out_dir):
+            summary = compare(
+                config,
+                out_dir,
+                resume=resume,
+                callbacks=lambda run: [EpochProgress(bar, run_label(run))] if bar is not None else [],
+            )
+            write_report(out_dir)
     finally:
         if bar is not None:
             bar.close()
-    write_report(out_dir)
     print(format_table(summary))
     print(f"run folder: {out_dir}  (report: {out_dir / 'report.html'})")
     return 0
@@ -294,6 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         print(f"sharpness: training stopped: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(f"sharpness: {exc}", file=sys.stderr)
+        return 130
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"sharpness: error: {exc}", file=sys.stderr)
         return 2

@@ -90,8 +90,10 @@ def test_tracking_at_the_end_of_a_cosine_schedule_reports_an_infinite_edge(tmp_p
     out = tmp_path / "run"
     args = ["train", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "128", "--track-sharpness-every", "2"]
     assert main([*args, "--quiet", "--out", str(out)]) == 0
-    rows = [json.loads(line) for line in (out / "sharpness.jsonl").read_text().splitlines()]
-    assert rows[-1]["edge"] == math.inf and rows[-1]["edge_kind"] == "gd" and rows[-1]["lambda_over_edge"] == 0.0
+    strict = {"parse_constant": lambda name: pytest.fail(f"non-strict JSON constant {name}")}
+    rows = [json.loads(line, **strict) for line in (out / "sharpness.jsonl").read_text().splitlines()]
+    assert rows[-1]["edge"] is None  # infinite (lr = 0), written as null: the file is strict JSON
+    assert rows[-1]["edge_kind"] == "gd" and rows[-1]["lambda_over_edge"] == 0.0
 
 
 def test_lanczos_agrees_with_scipy_eigsh_on_the_model_operator(model_and_hessian) -> None:

@@ -25,7 +25,9 @@ def _data(n: int, seed: int):
     return torch.randn(n, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
 
 
-def _dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], train: bool) -> torch.Tensor:
+def _dense_hessian(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], train: bool, loss_fn=F.cross_entropy
+) -> torch.Tensor:
     """Reference: torch.autograd.functional.hessian of the loss as a function of the flat selected weights."""
     params = dict(model.named_parameters())
     shapes = [params[n].shape for n in names]
@@ -39,7 +41,7 @@ def _dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: li
         chunks = w.split([s.numel() for s in shapes])
         weights = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
         buffers = {k: v.clone() for k, v in model.named_buffers()}  # leave the running statistics alone
-        return F.cross_entropy(functional_call(model, {**weights, **buffers}, (x,)), y)
+        return loss_fn(functional_call(model, {**weights, **buffers}, (x,)), y)
 
     return torch.autograd.functional.hessian(loss, flat)
 
@@ -50,12 +52,16 @@ def _operator_matrix(op: HessianOperator) -> torch.Tensor:
 
 @pytest.mark.parametrize("backend", ["double_backward", "forward_over_reverse"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_matvec_equals_the_dense_hessian(backend: str, mode: str) -> None:
+@pytest.mark.parametrize("loss_name", ["cross_entropy", "mse_loss"])
+def test_matvec_equals_the_dense_hessian(backend: str, mode: str, loss_name: str) -> None:
+    loss_fn = getattr(F, loss_name)
     model = _model()
     x, y = _data(24, 1)
-    op = HessianOperator(model, F.cross_entropy, (x, y), backend=backend, mode=mode)
+    if loss_name == "mse_loss":  # real-valued targets (forward-over-reverse once failed on them)
+        y = F.one_hot(y, 3).double()
+    op = HessianOperator(model, loss_fn, (x, y), backend=backend, mode=mode)
     names = [n for n, _ in model.named_parameters()]
-    reference = _dense_hessian(_model(), x, y, names, train=mode == "train")
+    reference = _dense_hessian(_model(), x, y, names, train=mode == "train", loss_fn=loss_fn)
     torch.testing.assert_close(_operator_matrix(op), reference, rtol=1e-10, atol=1e-12)
     assert op.num_matvecs == op.dim
 
@@ -162,3 +168,94 @@ def test_cached_graph_gives_the_same_products_and_refuses_changed_weights() -> N
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         cached.matvec(torch.ones(cached.dim, dtype=torch.float64))
     fresh.matvec(torch.ones(fresh.dim, dtype=torch.float64))  # an uncached operator follows the new weights
+
+
+# --- a trainable parameter the loss does not use, and F.mse_loss -------------------------------------------
+
+
+class _WithUnusedLayer(nn.Module):
+    """Two used layers around one that ``forward`` never calls (its Hessian rows and columns are zero)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(4, 5)
+        self.unused = nn.Linear(3, 2)
+        self.last = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.tanh(self.first(x)))
+
+
+def _targets(loss_name: str, x: torch.Tensor) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(11)
+    if loss_name == "cross_entropy":
+        return torch.randint(0, 3, (len(x),), generator=gen)
+    return torch.randn(len(x), 3, generator=gen, dtype=torch.float64)
+
+
+def _flat_loss(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, names: list[str]):
+    """The loss as a function of the flat selected weights (the others fixed), evaluated on a copy of ``model``."""
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+
+    def loss(w: torch.Tensor) -> torch.Tensor:
+        chunks = w.split([s.numel() for s in shapes])
+        weights = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
+        return loss_fn(functional_call(model, weights, (x,)), y)
+
+    return loss, torch.cat([params[n].detach().reshape(-1) for n in names])
+
+
+def _offsets(model: nn.Module, names: list[str], name: str) -> slice:
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    start = sum(sizes[n] for n in names[: names.index(name)])
+    return slice(start, start + sizes[name])
+
+
+@pytest.mark.parametrize("backend", ["double_backward", "forward_over_reverse"])
+@pytest.mark.parametrize("loss_name", ["cross_entropy", "mse_loss"])
+def test_unused_parameter_has_zero_gradient_and_zero_hessian_rows(backend: str, loss_name: str) -> None:
+    loss_fn = getattr(F, loss_name)
+    model = _WithUnusedLayer().double()
+    x = _data(20, 12)[0]
+    y = _targets(loss_name, x)
+    loss_fn(model(x), y).backward()  # existing gradients (and None for the unused layer) must survive
+    before = snapshot_state(model)
+    names = [n for n, _ in model.named_parameters()]
+    loss, flat = _flat_loss(_WithUnusedLayer().double(), loss_fn, x, y, names)
+    reference = torch.autograd.functional.hessian(loss, flat)
+
+    op = HessianOperator(model, loss_fn, (x, y), backend=backend)
+    matrix = _operator_matrix(op)
+    value, gradient = op.loss_and_gradient()
+
+    torch.testing.assert_close(matrix, reference, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gradient, torch.autograd.functional.jacobian(loss, flat), rtol=1e-10, atol=1e-12)
+    assert value == pytest.approx(float(loss(flat)), rel=1e-12)
+    for name in ("unused.weight", "unused.bias"):
+        block = _offsets(model, names, name)
+        assert not matrix[block].any() and not matrix[:, block].any() and not gradient[block].any()
+    assert model.training
+    assert_state_unchanged(model, before)
+
+
+@pytest.mark.parametrize("backend", ["double_backward", "forward_over_reverse"])
+def test_parameter_filter_with_an_unused_parameter(backend: str) -> None:
+    model = _WithUnusedLayer().double()
+    x = _data(16, 13)[0]
+    y = _targets("mse_loss", x)
+    before = snapshot_state(model)
+    names = ["unused.weight", "unused.bias", "last.weight", "last.bias"]  # in named_parameters order
+    loss, flat = _flat_loss(_WithUnusedLayer().double(), F.mse_loss, x, y, names)
+
+    op = HessianOperator(model, F.mse_loss, (x, y), params=["unused", "last"], backend=backend)
+    assert [n for n, _ in op.named_params] == names
+    torch.testing.assert_close(
+        _operator_matrix(op), torch.autograd.functional.hessian(loss, flat), rtol=1e-10, atol=1e-12
+    )
+    assert not op.loss_and_gradient()[1][:8].any()
+
+    only_unused = HessianOperator(model, F.mse_loss, (x, y), params=["unused"], backend=backend)
+    assert not _operator_matrix(only_unused).any() and not only_unused.loss_and_gradient()[1].any()
+    assert_state_unchanged(model, before)

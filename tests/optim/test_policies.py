@@ -64,7 +64,7 @@ def _run(make) -> nn.Module:
     "make",
     [
         lambda ps: SAM(ps, torch.optim.SGD, rho=0.1, policy=EveryK(1), **BASE),
-        lambda ps: RandomSAM(ps, torch.optim.SGD, rho=0.1, p=1.0, **BASE),
+        lambda ps: RandomSAM(ps, torch.optim.SGD, rho=0.1, prob=1.0, **BASE),
         lambda ps: LookSAM(ps, torch.optim.SGD, rho=0.1, k=1, alpha=0.7, **BASE),
     ],
     ids=["EveryK(1)", "Bernoulli(1)", "LookSAM(k=1)"],
@@ -74,7 +74,7 @@ def test_limits_that_equal_sam(make) -> None:
 
 
 def test_bernoulli_zero_is_the_base_optimizer() -> None:
-    sam = _run(lambda ps: RandomSAM(ps, torch.optim.SGD, rho=0.1, p=0.0, **BASE))
+    sam = _run(lambda ps: RandomSAM(ps, torch.optim.SGD, rho=0.1, prob=0.0, **BASE))
     assert _same(sam, _run(lambda ps: torch.optim.SGD(ps, **BASE)))
 
 
@@ -185,9 +185,9 @@ def test_adaptive_fraction_matches_the_normal_model_and_rises() -> None:
 
 def test_adaptive_initialisation_choices() -> None:
     first, zero = Adaptive(total_steps=10, init="first"), Adaptive(total_steps=10, init="zero")
-    assert first.decide(4.0) is True and first.mean == 4.0 and first.var == 0.0
+    assert first.decide(4.0) is True and first.mean == 4.0 and first.sigma == 0.0
     zero.decide(4.0)
-    assert zero.mean == pytest.approx(0.4) and zero.var == pytest.approx(0.1 * 3.6**2)
+    assert zero.mean == pytest.approx(0.4) and zero.sigma**2 == pytest.approx(0.1 * 3.6**2)
 
 
 @pytest.mark.parametrize(
@@ -195,7 +195,7 @@ def test_adaptive_initialisation_choices() -> None:
     [
         lambda ps: AESAM(ps, torch.optim.SGD, rho=0.1, total_steps=24, **BASE),
         lambda ps: AELookSAM(ps, torch.optim.SGD, rho=0.1, total_steps=24, alpha=0.5, **BASE),
-        lambda ps: RandomSAM(ps, torch.optim.SGD, rho=0.1, p=0.4, seed=3, **BASE),
+        lambda ps: RandomSAM(ps, torch.optim.SGD, rho=0.1, prob=0.4, seed=3, **BASE),
     ],
     ids=["AESAM", "AELookSAM", "RandomSAM"],
 )
@@ -285,7 +285,7 @@ def test_reuse_before_any_sam_step_is_plain_erm() -> None:
 
 
 def test_an_aborted_step_is_decided_afresh_next_time() -> None:
-    """An exception in the second pass abandons the step: the next step asks the policy again."""
+    """An exception in the second pass abandons the step: the policy is rolled back and asked again next time."""
     model = _mlp()
     opt = AESAM(model.parameters(), torch.optim.SGD, rho=0.1, total_steps=10, **BASE)
     (x, y), (x2, y2) = _batches(2)
@@ -301,6 +301,7 @@ def test_an_aborted_step_is_decided_afresh_next_time() -> None:
 
     with pytest.raises(RuntimeError):
         opt.step(failing)  # step 0 of AE-SAM is a SAM step (init="first")
-    assert opt.policy.step == 1 and not opt.is_perturbed and opt.statistics()["steps"] == 0
+    assert opt.policy.step == 0 and not opt.is_perturbed and opt.statistics()["steps"] == 0
+    assert opt.policy.mean == 0.0  # s_t of the abandoned step was not absorbed
     _train(model, opt, [(x2, y2)])
-    assert opt.policy.step == 2 and opt.statistics()["steps"] == 1
+    assert opt.policy.step == 1 and opt.statistics()["steps"] == 1

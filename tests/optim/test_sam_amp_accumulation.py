@@ -93,7 +93,8 @@ def test_grad_scaler_inf_first_gradient_skips_the_whole_step() -> None:
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # the scaled gradient overflows
     before = [p.detach().clone() for p in model.parameters()]
-    scaler.scale(_loss(model, x, y)).backward()
+    scaler.scale(1e6 * _loss(model, x, y)).backward()
+    assert not all(torch.isfinite(p.grad).all() for p in model.parameters())
     grads = [p.grad.clone() for p in model.parameters()]
     assert not opt.first_step(zero_grad=True, scaler=scaler)
     assert not opt.is_perturbed

@@ -46,7 +46,7 @@ def test_bad_eta_scope_and_flags() -> None:
 def test_rho_edited_in_a_group_is_checked_at_the_next_step() -> None:
     model = _mlp()
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
-    opt.param_groups[0]["rho"] = -1.0
+    opt.param_groups[0]["sam_rho"] = -1.0
     _backward(model)
     with pytest.raises(ValueError, match="rho"):
         opt.first_step()
@@ -55,7 +55,7 @@ def test_rho_edited_in_a_group_is_checked_at_the_next_step() -> None:
 def test_groups_with_different_p_are_rejected() -> None:
     model = _mlp()
     opt = SAM(
-        [{"params": model[0].parameters(), "p": 2.0}, {"params": model[2].parameters(), "p": math.inf}],
+        [{"params": model[0].parameters(), "sam_p": 2.0}, {"params": model[2].parameters(), "sam_p": math.inf}],
         torch.optim.SGD,
         lr=0.1,
     )
@@ -187,9 +187,21 @@ def test_base_optimizer_arguments() -> None:
 def test_load_state_dict_rejects_foreign_dicts() -> None:
     model = _mlp()
     opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
-    plain = torch.optim.SGD(model.parameters(), lr=0.1).state_dict()
     with pytest.raises(ValueError, match="not a sharpness.SAM state dict"):
-        opt.load_state_dict(plain)
+        opt.load_state_dict({"model": {}})
+
+
+def test_a_plain_optimizer_state_dict_loads_the_base_state_with_a_warning() -> None:
+    """torch's layout without SAM's entry (what torch.distributed.checkpoint hands back): base state only."""
+    model = _mlp()
+    plain = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    _backward(model)
+    plain.step()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
+    with pytest.warns(UserWarning, match="no 'sam' entry"):
+        opt.load_state_dict(plain.state_dict())
+    assert opt.param_groups[0]["lr"] == 0.3 and opt.param_groups[0]["sam_rho"] == 0.2
+    assert all("momentum_buffer" in s for s in opt.state.values()) and opt.steps == 0
 
 
 def test_add_param_group_reaches_the_base_optimizer_with_sam_defaults() -> None:
@@ -197,7 +209,7 @@ def test_add_param_group_reaches_the_base_optimizer_with_sam_defaults() -> None:
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.07, lr=0.1, momentum=0.9)
     opt.add_param_group({"params": extra.parameters(), "lr": 0.01})
     group = opt.base_optimizer.param_groups[-1]
-    assert group["rho"] == 0.07 and group["lr"] == 0.01 and group["momentum"] == 0.9
+    assert group["sam_rho"] == 0.07 and group["lr"] == 0.01 and group["momentum"] == 0.9
     assert opt.param_groups is opt.base_optimizer.param_groups
     with pytest.raises(ValueError, match="rho"):
-        opt.add_param_group({"params": nn.Linear(2, 2).parameters(), "rho": -1})
+        opt.add_param_group({"params": nn.Linear(2, 2).parameters(), "sam_rho": -1})

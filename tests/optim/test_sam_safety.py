@@ -227,7 +227,7 @@ def test_state_dict_holds_base_state_and_per_group_rho() -> None:
     model = _mlp()
     x, y = _data()
     opt = SAM(
-        [{"params": model[0].parameters(), "rho": 0.3}, {"params": model[2].parameters()}],
+        [{"params": model[0].parameters(), "sam_rho": 0.3}, {"params": model[2].parameters()}],
         torch.optim.SGD,
         rho=0.05,
         lr=0.1,
@@ -235,8 +235,8 @@ def test_state_dict_holds_base_state_and_per_group_rho() -> None:
     )
     opt.step(lambda: _backward(model, x, y))
     state = opt.state_dict()
-    assert [g["rho"] for g in state["base_optimizer"]["param_groups"]] == [0.3, 0.05]
-    assert all("momentum_buffer" in s for s in state["base_optimizer"]["state"].values())
+    assert [g["sam_rho"] for g in state["param_groups"]] == [0.3, 0.05]
+    assert all("momentum_buffer" in s for s in state["state"].values())
 
     other = SAM(_mlp().parameters(), torch.optim.SGD, rho=0.9, lr=0.5, momentum=0.9)
     other_groups = [
@@ -245,7 +245,7 @@ def test_state_dict_holds_base_state_and_per_group_rho() -> None:
     ]
     other = SAM(other_groups, torch.optim.SGD, rho=0.9, lr=0.5, momentum=0.9)
     other.load_state_dict(state)
-    assert [g["rho"] for g in other.param_groups] == [0.3, 0.05]
+    assert [g["sam_rho"] for g in other.param_groups] == [0.3, 0.05]
     assert other.param_groups is other.base_optimizer.param_groups
     assert other.state is other.base_optimizer.state
 

@@ -138,15 +138,15 @@ def test_mlp_matches_autograd_reference(base_name: str, case: str) -> None:
     def groups(m: nn.Module) -> list[dict]:
         params = list(m.parameters())
         return [
-            {"params": [q for q, r in zip(params, rhos, strict=True) if r == 0.05], "rho": 0.05},
-            {"params": [q for q, r in zip(params, rhos, strict=True) if r == 0.2], "rho": 0.2},
+            {"params": [q for q, r in zip(params, rhos, strict=True) if r == 0.05], "sam_rho": 0.05},
+            {"params": [q for q, r in zip(params, rhos, strict=True) if r == 0.2], "sam_rho": 0.2},
         ]
 
     opt = SAM(groups(model), base_cls, **options, **base_kwargs)
     ref_groups = groups(ref_model)
     ref_order = [q for g in ref_groups for q in g["params"]]
     ref_base = base_cls(ref_groups, **base_kwargs)
-    ref_rho = [g["rho"] for g in ref_groups for _ in g["params"]]
+    ref_rho = [g["sam_rho"] for g in ref_groups for _ in g["params"]]
 
     name_of = {id(q): n for n, q in ref_model.named_parameters()}
     ref_names = [name_of[id(q)] for q in ref_order]

@@ -22,6 +22,7 @@ from sharpness.train import (
     load_checkpoint,
     save_checkpoint,
 )
+from sharpness.train.checkpoint import CHECKPOINT_KEYS
 
 
 def _data(task: str = "classification", **kwargs):
@@ -194,9 +195,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def _checkpoint(epoch: int) -> dict:
+    """A checkpoint with every entry load_checkpoint requires (most of them empty)."""
+    return {key: None for key in CHECKPOINT_KEYS} | {"format": 1, "train_state": {"epoch": epoch}}
+
+
 def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "checkpoint.pt"
-    save_checkpoint({"format": 1, "train_state": {"epoch": 1}}, path)
+    save_checkpoint(_checkpoint(1), path)
 
     def broken_save(obj, handle):
         handle.write(b"partial")
@@ -204,10 +210,19 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint({"format": 1, "train_state": {"epoch": 2}}, path)
+        save_checkpoint(_checkpoint(2), path)
     monkeypatch.undo()
     assert load_checkpoint(path)["train_state"]["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left behind
+
+
+def test_stale_temp_files_of_a_killed_write_are_removed_on_the_next_start(tmp_path: Path) -> None:
+    stale = [".checkpoint.pt.0123456789ab.tmp", ".final.json.x_7kq2zp.tmp"]  # ours; the second as mkstemp named them
+    kept = ["notes.tmp", ".hidden.tmp", "checkpoint.pt.0123456789ab.tmp"]  # not temp files of an atomic write
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"partial")
+    _trainer(_data(), epochs=1, callbacks=[Checkpointer(tmp_path)]).fit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["checkpoint.pt", *kept])
 
 
 def test_bad_checkpoints_are_named(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from sharpness.checks import check_integer
 from sharpness.curvature.operator import ParamFilter, select_parameters
 from sharpness.curvature.state import MODES, Mode, measurement_mode
 
@@ -81,8 +82,7 @@ def alignment_factor(gram: Tensor, residuals: Tensor, num_examples: int) -> floa
     """``μ = [n Σ_i r_iᵀ (K²)_{ii} r_i − rᵀK²r] / (||r||² ||K||_F²)`` from a Gram ``K`` (``nk × nk``, example-major)
     and residuals ``r`` (``nk``); ``(K²)_{ii}`` is example ``i``'s ``k × k`` diagonal block. Computed in float64;
     ``nan`` when the denominator is 0."""
-    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
-        raise ValueError(f"num_examples must be an integer >= 1, got {num_examples!r}")
+    num_examples = check_integer(num_examples, "num_examples", low=1)
     size = residuals.numel()
     if gram.shape != (size, size) or size % num_examples:
         raise ValueError(

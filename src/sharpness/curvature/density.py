@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sharpness.checks import check_integer, check_real
 from sharpness.curvature.eigen import _Lanczos
 from sharpness.curvature.linop import LinearOperator, counting, default_generator, rademacher
 
@@ -87,6 +88,15 @@ def gaussian_density(grid: Tensor, nodes: Tensor, weights: Tensor, sigma: float)
     return out
 
 
+def _check_grid(grid: object) -> Tensor | int:
+    """``grid`` if it is an increasing 1-D tensor of at least 2 finite points, or as an int if an integer >= 2."""
+    if not isinstance(grid, Tensor):
+        return check_integer(grid, "grid", low=2, what="or a 1-D tensor of points")
+    if grid.ndim != 1 or grid.numel() < 2 or not torch.isfinite(grid).all() or not (grid.diff() > 0).all():
+        raise ValueError("grid must be a 1-D tensor of at least 2 finite, strictly increasing points")
+    return grid
+
+
 def spectral_density(
     op: LinearOperator,
     *,
@@ -126,18 +136,11 @@ def spectral_density(
     Krishnan & Xiao, ICML 2019.
     """
     op = counting(op)
-    for name, value in (("num_vectors", num_vectors), ("lanczos_steps", lanczos_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if isinstance(grid, Tensor):
-        if grid.ndim != 1 or grid.numel() < 2 or not torch.isfinite(grid).all() or not (grid.diff() > 0).all():
-            raise ValueError("grid must be a 1-D tensor of at least 2 finite, strictly increasing points")
-    elif isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
-        raise ValueError(f"grid must be an integer >= 2 or a 1-D tensor, got {grid!r}")
-    if sigma is not None and (
-        isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0
-    ):
-        raise ValueError(f"sigma must be a finite number > 0 or None, got {sigma!r}")
+    num_vectors = check_integer(num_vectors, "num_vectors", low=1)
+    lanczos_steps = check_integer(lanczos_steps, "lanczos_steps", low=1)
+    grid = _check_grid(grid)
+    if sigma is not None:
+        sigma = check_real(sigma, "sigma", low=0.0, low_open=True, what="or None for the default")
     generator = default_generator(generator)
 
     n = op.dim

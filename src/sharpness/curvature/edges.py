@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import math
 
+from sharpness.checks import check_integer, check_real
 
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
+
+def _positive(name: str, value: float) -> float:
+    """``value`` as a float if it is a finite number > 0."""
+    return check_real(value, name, low=0.0, low_open=True)
 
 
 def gd_edge(lr: float) -> float:
@@ -33,18 +32,17 @@ def gd_edge(lr: float) -> float:
 
 def sam_edge(lr: float, rho: float, grad_norm: float) -> float:
     """Normalised SAM's edge: the ``λ`` with ``ηλ (1 + ρλ/||g||) = 2`` (Long & Bartlett, 2024)."""
-    lr, rho, grad_norm = _positive("lr", lr), _positive("rho", rho, allow_zero=True), _positive("grad_norm", grad_norm)
+    lr, rho, grad_norm = _positive("lr", lr), check_real(rho, "rho", low=0.0), _positive("grad_norm", grad_norm)
     return 4.0 / (lr * (1.0 + math.sqrt(1.0 + 8.0 * rho / (lr * grad_norm))))
 
 
 def sam_edge_unnormalized(lr: float, rho: float) -> float:
     """Un-normalised SAM's (``ε = ρ g``) edge: the ``λ`` with ``ηλ (1 + ρλ) = 2``."""
-    lr, rho = _positive("lr", lr), _positive("rho", rho, allow_zero=True)
+    lr, rho = _positive("lr", lr), check_real(rho, "rho", low=0.0)
     return 4.0 / (lr * (1.0 + math.sqrt(1.0 + 8.0 * rho / lr)))
 
 
 def sgd_frobenius_bound(lr: float, batch_size: int, alignment: float) -> float:
     """``(1/η) √(B/μ)``: the largest ``||H||_F`` of a minimum that SGD can be linearly stable at (Wu et al., 2022)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    batch_size = check_integer(batch_size, "batch_size", low=1)
     return math.sqrt(batch_size / _positive("alignment", alignment)) / _positive("lr", lr)

@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from sharpness.checks import check_integer, check_real
 from sharpness.curvature.linop import LinearOperator, counting, default_generator, gaussian
 
 __all__ = ["EigenResult", "PowerResult", "top_eigenvalues", "power_iteration", "bulk_ratio"]
@@ -71,18 +72,6 @@ class PowerResult:
     eigenvector: Tensor
     num_matvecs: int
     converged: bool
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_tol(tol: object) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    return float(tol)
 
 
 def _start_vector(init: Tensor | None, op: LinearOperator, generator: torch.Generator | None) -> Tensor:
@@ -253,15 +242,12 @@ def top_eigenvalues(
     """
     op = counting(op)
     n = op.dim
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise ValueError(f"k must be an integer with 1 <= k <= n = {n}, got {k!r}")
+    k = check_integer(k, "k", low=1, high=n, what="at most n, the operator's dim")
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
-    _check_int("max_iter", max_iter, 1)
-    if max_iter < k:
-        raise ValueError(f"max_iter must be >= k = {k}, got {max_iter}")
-    tol = _check_tol(tol)
-    _check_int("check_every", check_every, 1)
+    max_iter = check_integer(max_iter, "max_iter", low=k, what=f"at least k = {k}")
+    tol = check_real(tol, "tol", low=0.0)
+    check_every = check_integer(check_every, "check_every", low=1)
     if criterion not in ("residual", "eigenvalue"):
         raise ValueError(f"criterion must be 'residual' or 'eigenvalue', got {criterion!r}")
     generator = default_generator(generator)
@@ -340,8 +326,8 @@ def power_iteration(
     References: R. von Mises & H. Pollaczek-Geiringer (1929); Golub & Van Loan §8.2.1; Yao et al., PyHessian (2020).
     """
     op = counting(op)
-    _check_int("max_iter", max_iter, 1)
-    tol = _check_tol(tol)
+    max_iter = check_integer(max_iter, "max_iter", low=1)
+    tol = check_real(tol, "tol", low=0.0)
     v = _start_vector(init, op, default_generator(generator))
     lam_old: float | None = None
     lam = 0.0

@@ -18,6 +18,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from sharpness.checks import check_integer
+
 __all__ = [
     "LinearOperator",
     "DenseOperator",
@@ -99,10 +101,8 @@ class CallableOperator:
     ) -> None:
         if not callable(matvec):
             raise TypeError("matvec must be callable")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
         self._fn = matvec
-        self.dim = dim
+        self.dim = check_integer(dim, "dim", low=1)
         self.dtype = dtype
         self.device = torch.device(device)
         self.num_matvecs = 0
@@ -161,9 +161,7 @@ def check_operator(op: object) -> None:
             raise TypeError(f"op must be a LinearOperator (dim, dtype, device, matvec); it has no {name!r}")
     if not callable(op.matvec):
         raise TypeError("op.matvec must be callable")
-    dim = op.dim
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"op.dim must be a positive integer, got {dim!r}")
+    check_integer(op.dim, "op.dim", low=1)
     if not isinstance(op.dtype, torch.dtype) or not op.dtype.is_floating_point:
         raise ValueError(f"op.dtype must be a floating-point torch.dtype, got {op.dtype!r}")
 

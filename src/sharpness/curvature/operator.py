@@ -8,6 +8,9 @@ batches weighted by their sizes). ``H v`` is computed without forming ``H``:
 - ``backend="forward_over_reverse"``: ``H v = J_v(∇_w L)``, a forward-mode derivative of the gradient with
   ``torch.func.jvp`` (often faster; needs a model whose forward runs under ``torch.func``).
 
+A trainable parameter the loss does not depend on (a layer defined but not used in ``forward``) has a zero
+gradient and zero rows and columns in ``H``.
+
 A parameter filter restricts ``w`` to some parameters (per-layer curvature). Every product runs under the
 measurement mode of :func:`sharpness.curvature.state.measurement_mode` and leaves the model as it was: the
 parameters and their ``.grad`` are never written, modes and buffers are restored.
@@ -146,7 +149,7 @@ class HessianOperator:
         x, y = self.batches[index]
         with torch.enable_grad():
             loss = self.loss_fn(self.model(x), y)
-            grads = torch.autograd.grad(loss, self.params, create_graph=create_graph)
+            grads = _gradients(loss, self.params, create_graph=create_graph)
         if create_graph and self._caches:
             self._graphs[index] = (loss, grads)
         return loss, grads
@@ -155,7 +158,7 @@ class HessianOperator:
         _, grads = self._loss_and_grads(index, create_graph=True)
         with torch.enable_grad():
             dot = sum((g * v).sum() for g, v in zip(grads, vs, strict=True))
-            return torch.autograd.grad(dot, self.params, retain_graph=self.cache_graph)
+            return _gradients(dot, self.params, retain_graph=self.cache_graph)
 
     def _forward_over_reverse(self, index: int, vs: list[Tensor]) -> tuple[Tensor, ...]:
         from torch.func import functional_call, grad, jvp
@@ -163,13 +166,28 @@ class HessianOperator:
         x, y = self.batches[index]
         names = [name for name, _ in self.named_params]
 
-        def loss_of(weights: dict[str, Tensor]) -> Tensor:
-            return self.loss_fn(functional_call(self.model, weights, (x,)), y)
+        def gradient(weights: dict[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
+            return grad(lambda w: self.loss_fn(functional_call(self.model, w, (x,)), targets))(weights)
 
         primals = {name: p.detach() for name, p in self.named_params}
         tangents = dict(zip(names, vs, strict=True))
-        _, hv = jvp(grad(loss_of), (primals,), (tangents,))
+        if y.is_floating_point():
+            # An explicit zero tangent for real-valued targets: torch's forward-mode formula of mse_loss_backward
+            # writes into the implicit one, which is immutable ("ZeroTensors are immutable"). Not jacrev instead
+            # of grad: it avoids that error but gets BatchNorm's weight wrong in train mode (torch 2.13).
+            _, hv = jvp(gradient, (primals, y), (tangents, torch.zeros_like(y)))
+        else:
+            _, hv = jvp(lambda weights: gradient(weights, y), (primals,), (tangents,))
         return tuple(hv[name] for name in names)
+
+
+def _gradients(output: Tensor, params: Sequence[Tensor], **kwargs) -> tuple[Tensor, ...]:
+    """``torch.autograd.grad(output, params, **kwargs)`` with zeros for the parameters ``output`` does not depend on
+    (also when it depends on none of them)."""
+    if not output.requires_grad:
+        return tuple(torch.zeros_like(p) for p in params)
+    grads = torch.autograd.grad(output, params, allow_unused=True, **kwargs)
+    return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True))
 
 
 _HVP = {

@@ -61,6 +61,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from sharpness.checks import check_integer, check_real, is_real
 from sharpness.curvature.linop import default_generator
 from sharpness.curvature.operator import Batch, LossFn, ParamFilter, select_parameters
 from sharpness.curvature.state import MODES, Mode, measurement_mode
@@ -126,22 +127,8 @@ class MSharpness:
 # ---------------------------------------------------------------------------------------------- arguments
 
 
-def _number(name: str, value: object, *, positive: bool = False) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
-
-
-def _count(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 def _norm_order(p: object) -> float:
-    if isinstance(p, bool) or not isinstance(p, int | float) or p not in (2, math.inf):
+    if not is_real(p) or p not in (2, math.inf):
         raise ValueError(f"p must be 2 or math.inf, got {p!r}")
     return float(p)
 
@@ -295,11 +282,11 @@ def worst_case_sharpness(
     Returns:
         a :class:`SharpnessEstimate` (``value ≥ 0``; ``stderr = nan``).
     """
-    rho = _number("rho", rho)
+    rho = check_real(rho, "rho", low=0.0)
     p = _norm_order(p)
-    eta = _number("eta", eta)
-    steps = _count("steps", steps, 1)
-    alpha = 2.0 * rho if step_size is None else _number("step_size", step_size, positive=True)
+    eta = check_real(eta, "eta", low=0.0)
+    steps = check_integer(steps, "steps", low=1)
+    alpha = 2.0 * rho if step_size is None else check_real(step_size, "step_size", low=0.0, low_open=True)
     mode = _mode(mode)
     x, y = _batch(batch)
     generator = default_generator(generator)
@@ -370,11 +357,11 @@ def average_case_sharpness(
     the ``d`` coordinates with ``c > 0``. The paper's ``N(0, ρ² diag(c²))`` is ``rho = ρ_paper · √d`` here.
     Other arguments as in :func:`worst_case_sharpness`. Costs ``1 + num_samples`` forward passes.
     """
-    rho = _number("rho", rho)
-    num_samples = _count("num_samples", num_samples, 1)
+    rho = check_real(rho, "rho", low=0.0)
+    num_samples = check_integer(num_samples, "num_samples", low=1)
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
-    eta = _number("eta", eta)
+    eta = check_real(eta, "eta", low=0.0)
     mode = _mode(mode)
     x, y = _batch(batch)
     generator = default_generator(generator)
@@ -431,9 +418,8 @@ def m_sharpness(
     n = len(x)
     if len(y) != n:
         raise ValueError(f"x and y hold different numbers of examples ({n} and {len(y)})")
-    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= n:
-        raise ValueError(f"m must be an integer in [1, n = {n}], got {m!r}")
-    _number("rho", rho)
+    m = check_integer(m, "m", low=1, high=n, what=f"the batch size, at most the n = {n} examples")
+    rho = check_real(rho, "rho", low=0.0)
     generator = default_generator(generator)
     measure = worst_case_sharpness if kind == "worst" else average_case_sharpness
     estimates = tuple(

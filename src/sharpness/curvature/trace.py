@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sharpness.checks import check_integer
 from sharpness.curvature.linop import LinearOperator, counting, default_generator, gaussian, rademacher
 
 __all__ = ["TraceEstimate", "FrobeniusEstimate", "hutchinson_trace", "hutchpp_trace", "frobenius_norm"]
@@ -66,12 +67,6 @@ class FrobeniusEstimate:
     num_matvecs: int
 
 
-def _check_count(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 def _mean_stderr(samples: list[float]) -> tuple[float, float]:
     x = torch.tensor(samples, dtype=torch.float64)
     mean = float(x.mean())
@@ -107,7 +102,7 @@ def hutchinson_trace(
     References: Hutchinson (1989); Avron & Toledo (2011).
     """
     op = counting(op)
-    _check_count("num_samples", num_samples, 1)
+    num_samples = check_integer(num_samples, "num_samples", low=1)
     if distribution not in ("rademacher", "gaussian"):
         raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
     generator = default_generator(generator)
@@ -144,7 +139,7 @@ def hutchpp_trace(
     Reference: Meyer, Musco, Musco & Woodruff, "Hutch++: Optimal stochastic trace estimation", SOSA 2021, Alg. 1.
     """
     op = counting(op)
-    _check_count("num_matvecs", num_matvecs, 3)
+    num_matvecs = check_integer(num_matvecs, "num_matvecs", low=3)
     generator = default_generator(generator)
     n = op.dim
     s = num_matvecs // 3
@@ -187,7 +182,7 @@ def frobenius_norm(
     References: Hutchinson (1989); Avron & Toledo (2011).
     """
     op = counting(op)
-    _check_count("num_samples", num_samples, 1)
+    num_samples = check_integer(num_samples, "num_samples", low=1)
     generator = default_generator(generator)
     samples = []
     for _ in range(num_samples):

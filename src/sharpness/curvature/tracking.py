@@ -10,13 +10,13 @@ a row of ``sharpness.jsonl`` in the run folder; the latest values also go into t
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sharpness.checks import check_integer
 from sharpness.curvature.edges import gd_edge, sam_edge
 from sharpness.curvature.eigen import top_eigenvalues
 from sharpness.curvature.operator import HessianOperator
@@ -24,6 +24,7 @@ from sharpness.curvature.state import Mode
 from sharpness.data import num_batches
 from sharpness.optim.sam import SAM
 from sharpness.train.callbacks import Callback
+from sharpness.train.checkpoint import to_json
 
 if TYPE_CHECKING:
     from sharpness.train.loop import StepOutput, Trainer
@@ -53,11 +54,9 @@ class SharpnessTracker(Callback):
         max_iter: int = 30,
         mode: Mode = "eval",
     ) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"SharpnessTracker: every must be an integer >= 1, got {every!r}")
-        if isinstance(measure_size, bool) or not isinstance(measure_size, int) or measure_size < 1:
-            raise ValueError(f"SharpnessTracker: measure_size must be an integer >= 1, got {measure_size!r}")
-        self.every, self.measure_size, self.tol, self.max_iter, self.mode = every, measure_size, tol, max_iter, mode
+        self.every = check_integer(every, "every", owner="SharpnessTracker", low=1)
+        self.measure_size = check_integer(measure_size, "measure_size", owner="SharpnessTracker", low=1)
+        self.tol, self.max_iter, self.mode = tol, max_iter, mode
         self.path = Path(run_dir) / TRACKING_NAME if run_dir is not None else None
         self.rows: list[dict[str, Any]] = []
         self._vector: torch.Tensor | None = None
@@ -65,7 +64,7 @@ class SharpnessTracker(Callback):
     def on_train_start(self, trainer: Trainer) -> None:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
+            self.path.write_text("".join(to_json(row) + "\n" for row in self.rows))
 
     def on_step_end(self, trainer: Trainer, step: StepOutput) -> None:
         last_step = step.step == trainer.epochs * _steps_per_epoch(trainer)
@@ -99,18 +98,18 @@ class SharpnessTracker(Callback):
         self.rows.append(row)
         if self.path is not None:
             with self.path.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
+                handle.write(to_json(row) + "\n")  # strict JSON: an infinite edge (lr = 0) is null
         return row
 
     @staticmethod
     def _edge(trainer: Trainer, grad_norm: float) -> tuple[float, str]:
         group = trainer.optimizer.param_groups[0]
         lr = group["lr"]
-        kind = "sam" if isinstance(trainer.optimizer, SAM) and group["rho"] > 0 else "gd"
+        kind = "sam" if isinstance(trainer.optimizer, SAM) and group["sam_rho"] > 0 else "gd"
         if lr == 0:  # e.g. the end of a cosine schedule: a zero step is stable at any curvature
             return math.inf, kind
         if kind == "sam" and grad_norm > 0:
-            return sam_edge(lr, group["rho"], grad_norm), "sam"
+            return sam_edge(lr, group["sam_rho"], grad_norm), "sam"
         return gd_edge(lr), "gd"
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:

@@ -14,11 +14,12 @@ zero padding and the cutout hole are then at the per-channel mean, as in the ref
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from sharpness.checks import check_bool, check_integer
 
 __all__ = ["Augmentation"]
 
@@ -45,11 +46,8 @@ class Augmentation:
 
     def __post_init__(self) -> None:
         for name in ("crop_padding", "cutout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-                raise ValueError(f"Augmentation: {name} must be an integer >= 0, got {value!r}")
-        if not isinstance(self.flip, bool):
-            raise ValueError(f"Augmentation: flip must be a bool, got {self.flip!r}")
+            object.__setattr__(self, name, check_integer(getattr(self, name), name, owner="Augmentation", low=0))
+        object.__setattr__(self, "flip", check_bool(self.flip, "flip", owner="Augmentation", error=ValueError))
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         if x.dim() != 4:

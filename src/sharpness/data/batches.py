@@ -7,11 +7,12 @@ plain slices (views, no copy).
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
+
+from sharpness.checks import check_integer
 
 __all__ = ["iterate_batches", "num_batches"]
 
@@ -21,9 +22,8 @@ def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
 
     ``n // batch_size`` with ``drop_last``, else ``ceil(n / batch_size)``.
     """
-    _check_batch_size(batch_size)
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-        raise ValueError(f"num_batches: n must be an integer >= 0, got {n!r}")
+    batch_size = check_integer(batch_size, "batch_size", low=1)
+    n = check_integer(n, "n", owner="num_batches", low=0)
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
@@ -49,7 +49,7 @@ def iterate_batches(
     Arguments are checked, and the permutation drawn, when the function is called (not lazily on the first
     ``next``), so calling it advances ``generator`` even if the iterator is never consumed.
     """
-    _check_batch_size(batch_size)
+    batch_size = check_integer(batch_size, "batch_size", low=1)
     if x.shape[:1] != y.shape[:1]:
         raise ValueError(
             f"iterate_batches: x and y must hold the same number of examples, got {tuple(x.shape)} and {tuple(y.shape)}"
@@ -70,8 +70,3 @@ def _batches(x: Tensor, y: Tensor, batch_size: int, stop: int, order: Tensor | N
         else:
             index = order[start : start + batch_size]
             yield x[index], y[index.to(y.device)]
-
-
-def _check_batch_size(batch_size: object) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")

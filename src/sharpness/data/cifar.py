@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sharpness.checks import check_integer
 from sharpness.data.augment import Augmentation
-from sharpness.data.source import SourceData, check_int
+from sharpness.data.source import SourceData
 
 __all__ = ["load_cifar10_source", "load_cifar100_source"]
 
@@ -87,7 +88,7 @@ def load_cifar100_source(*, seed: int, data_dir: str | Path | None, augment: boo
 
 def _load(name: str, data_dir: str | Path | None, augment: bool, cutout: int) -> SourceData:
     layout = _LAYOUT[name]
-    cutout = check_int(f"load_dataset({name!r})", "cutout", cutout, 0)
+    cutout = check_integer(cutout, "cutout", owner=f"load_dataset({name!r})", low=0)
     if cutout and not augment:
         raise ValueError(f"load_dataset({name!r}): cutout={cutout} needs augmentation on (augment=True or None)")
     folder = find_folder(name, data_dir)

@@ -24,7 +24,6 @@ whose teacher and inputs are drawn from ``seed`` unless its ``data_seed`` option
 from __future__ import annotations
 
 import inspect
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +33,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sharpness.checks import check_bool, check_integer, check_real
 from sharpness.data import cifar, digits, mnist1d, synthetic
 from sharpness.data.augment import Augmentation
 from sharpness.data.noise import symmetric_label_noise
-from sharpness.data.source import SourceData, check_fraction
+from sharpness.data.source import SourceData
 
 __all__ = ["DATASETS", "Dataset", "load_dataset"]
 
@@ -175,11 +175,9 @@ def load_dataset(
     if entry is None:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     where = f"load_dataset({name!r})"
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
-        raise ValueError(f"{where}: seed must be an integer in [0, 2**63), got {seed!r}")
-    seed = int(seed)
-    val_split = check_fraction(where, "val_split", val_split)
-    label_noise = check_fraction(where, "label_noise", label_noise)
+    seed = check_integer(seed, "seed", owner=where, low=0, high=2**63 - 1)
+    val_split = check_real(val_split, "val_split", owner=where, low=0.0, high=1.0, high_open=True)
+    label_noise = check_real(label_noise, "label_noise", owner=where, low=0.0, high=1.0, high_open=True)
     unknown = sorted(set(options) - set(entry.options))
     if unknown:
         valid = ", ".join(entry.options) or "none"
@@ -191,8 +189,7 @@ def load_dataset(
         )
     if augment is None:
         augment = entry.augment_default
-    elif not isinstance(augment, bool):
-        raise ValueError(f"{where}: augment must be True, False or None (the data set's default), got {augment!r}")
+    augment = check_bool(augment, "augment", owner=where, what="or None for the data set's default", error=ValueError)
     if augment and not entry.image:
         raise ValueError(f"{where}: augment=True needs image inputs; {name} has none (image data sets: digits, cifar)")
 

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sharpness.checks import check_integer, check_real
 from sharpness.data.augment import Augmentation
-from sharpness.data.source import SourceData, check_fraction, check_int
+from sharpness.data.source import SourceData
 
 __all__ = ["SPLIT_SEED", "load_source"]
 
@@ -45,8 +46,10 @@ def load_source(
     """The digits data for :func:`sharpness.data.load_dataset` (``seed`` and ``data_dir`` are unused)."""
     del seed, data_dir
     where = "load_dataset('digits')"
-    test_fraction = check_fraction(where, "test_fraction", test_fraction, low_open=True)
-    cutout = check_int(where, "cutout", cutout, 0)
+    test_fraction = check_real(
+        test_fraction, "test_fraction", owner=where, low=0.0, high=1.0, low_open=True, high_open=True
+    )
+    cutout = check_integer(cutout, "cutout", owner=where, low=0)
     if cutout and not augment:
         raise ValueError(f"{where}: cutout={cutout} needs augmentation on (augment=True)")
     try:

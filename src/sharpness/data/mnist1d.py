@@ -25,8 +25,6 @@ The generator, the ``mnist1d`` package, is a dependency of ``sharpness``.
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sharpness.data.source import SourceData, check_int
+from sharpness.checks import check_integer, check_real
+from sharpness.data.source import SourceData
 
 __all__ = ["Mnist1D", "load_mnist1d", "load_source"]
 
@@ -100,32 +99,23 @@ def load_mnist1d(num_samples: int = 5000, train_fraction: float = 0.8, seed: int
 
 
 def _check_args(num_samples: object, train_fraction: object, seed: object) -> tuple[int, float, int]:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
-        raise ValueError(f"load_mnist1d: num_samples must be an integer >= 10, got {num_samples!r}")
-    if num_samples < NUM_CLASSES:
-        raise ValueError(
-            f"load_mnist1d: num_samples must be >= {NUM_CLASSES} (at least one example per class), got {num_samples}"
-        )
-    if (
-        isinstance(train_fraction, bool)
-        or not isinstance(train_fraction, numbers.Real)
-        or not math.isfinite(train_fraction)
-        or not 0 < train_fraction < 1
-    ):
-        raise ValueError(
-            f"load_mnist1d: train_fraction must be a number with 0 < train_fraction < 1, got {train_fraction!r}"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
-        raise ValueError(f"load_mnist1d: seed must be an integer in [0, 2**32), got {seed!r}")
-    total = (int(num_samples) // NUM_CLASSES) * NUM_CLASSES
-    n_train = int(total * float(train_fraction))
+    owner = "load_mnist1d"
+    num_samples = check_integer(
+        num_samples, "num_samples", owner=owner, low=NUM_CLASSES, what="at least one example per class"
+    )
+    train_fraction = check_real(
+        train_fraction, "train_fraction", owner=owner, low=0.0, high=1.0, low_open=True, high_open=True
+    )
+    seed = check_integer(seed, "seed", owner=owner, low=0, high=2**32 - 1)
+    total = (num_samples // NUM_CLASSES) * NUM_CLASSES
+    n_train = int(total * train_fraction)
     if n_train == 0 or n_train == total:
         raise ValueError(
             f"load_mnist1d: num_samples={num_samples} with train_fraction={train_fraction} leaves the "
             f"{'training' if n_train == 0 else 'test'} split empty; use more samples or a fraction "
             "closer to 0.5"
         )
-    return int(num_samples), float(train_fraction), int(seed)
+    return num_samples, train_fraction, seed
 
 
 def _import_generator():  # -> tuple[make_dataset, get_dataset_args]
@@ -177,7 +167,7 @@ def load_source(
     the run's ``seed``), nothing is read from disk, and 1-D signals get no image augmentation.
     """
     del seed, data_dir, augment
-    data_seed = check_int("load_dataset('mnist1d')", "data_seed", data_seed, 0)
+    data_seed = check_integer(data_seed, "data_seed", owner="load_dataset('mnist1d')", low=0)
     data = load_mnist1d(num_samples=num_samples, train_fraction=train_fraction, seed=data_seed)
     return SourceData(
         x_train=data.x_train,

@@ -1,4 +1,4 @@
-"""What a data set module hands to :func:`sharpness.data.load_dataset`, and shared argument checks.
+"""What a data set module hands to :func:`sharpness.data.load_dataset`.
 
 Each data set module (``mnist1d``, ``digits``, ``cifar``, ``synthetic``) exposes a loader that returns a
 :class:`SourceData`: the fixed train / test split, already normalised, before any validation split or label
@@ -7,8 +7,6 @@ noise (those are applied uniformly by :mod:`sharpness.data.dataset`).
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -16,7 +14,7 @@ from torch import Tensor
 
 from sharpness.data.augment import Augmentation
 
-__all__ = ["SourceData", "check_int", "check_fraction"]
+__all__ = ["SourceData"]
 
 Task = Literal["classification", "regression"]
 
@@ -33,24 +31,3 @@ class SourceData:
     task: Task = "classification"
     augment: Augmentation | None = None
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def check_int(where: str, name: str, value: object, minimum: int) -> int:
-    """``value`` as an ``int`` if it is an integer (not a bool) ``>= minimum``; else a ValueError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{where}: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_fraction(where: str, name: str, value: object, *, low_open: bool = False) -> float:
-    """``value`` as a ``float`` in ``[0, 1)`` (``(0, 1)`` with ``low_open``); else a ValueError naming the range."""
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, numbers.Real)
-        and math.isfinite(value)
-        and (0 < value < 1 if low_open else 0 <= value < 1)
-    )
-    if not ok:
-        interval = "0 < {0} < 1" if low_open else "0 <= {0} < 1"
-        raise ValueError(f"{where}: {name} must be a number with {interval.format(name)}, got {value!r}")
-    return float(value)

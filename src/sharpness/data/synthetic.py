@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sharpness.data.source import SourceData, check_int
+from sharpness.checks import check_integer, check_real
+from sharpness.data.source import SourceData
 
 __all__ = ["TASKS", "load_source", "task_of"]
 
@@ -57,16 +58,15 @@ def load_source(
     del data_dir, augment
     where = "load_dataset('synthetic')"
     task = task_of(task)
-    n_train = check_int(where, "n_train", n_train, 1)
-    n_test = check_int(where, "n_test", n_test, 1)
-    dim = check_int(where, "dim", dim, 1)
-    hidden = check_int(where, "hidden", hidden, 0)
+    n_train = check_integer(n_train, "n_train", owner=where, low=1)
+    n_test = check_integer(n_test, "n_test", owner=where, low=1)
+    dim = check_integer(dim, "dim", owner=where, low=1)
+    hidden = check_integer(hidden, "hidden", owner=where, low=0)
     if num_classes is None:
         num_classes = 4 if task == "classification" else 1
-    num_classes = check_int(where, "num_classes", num_classes, 2 if task == "classification" else 1)
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
-        raise ValueError(f"{where}: noise must be a finite number >= 0, got {noise!r}")
-    data_seed = seed if data_seed is None else check_int(where, "data_seed", data_seed, 0)
+    num_classes = check_integer(num_classes, "num_classes", owner=where, low=2 if task == "classification" else 1)
+    noise = check_real(noise, "noise", owner=where, low=0.0)
+    data_seed = seed if data_seed is None else check_integer(data_seed, "data_seed", owner=where, low=0)
 
     generator = torch.Generator().manual_seed(data_seed)
     if hidden:

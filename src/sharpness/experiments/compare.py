@@ -10,7 +10,6 @@ folders back, so a summary (and ``sharpness report``) can always be regenerated 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ from sharpness.experiments.config import CompareConfig, RunConfig
 from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, run_training
 from sharpness.experiments.stats import mean_ci95
 from sharpness.optim.registry import SAM_FAMILY
-from sharpness.train import CHECKPOINT_NAME, Callback, write_json
+from sharpness.train import CHECKPOINT_NAME, Callback, read_json, write_json
+from sharpness.train.checkpoint import nan_for_null, remove_stale_temps
 
 SUMMARY_NAME = "summary.json"
 RUNS_DIR = "runs"
@@ -58,8 +58,9 @@ def compare(
     saved = out_dir / CONFIG_NAME
     described = {"kind": "compare", **_describe(config)}
     if resume:
-        if not saved.is_file() or json.loads(saved.read_text()) != described:
+        if not saved.is_file() or read_json(saved) != described:
             raise ValueError(f"cannot resume {out_dir}: its {CONFIG_NAME} is missing or has other settings")
+        remove_stale_temps(out_dir)
     elif (out_dir / RUNS_DIR).exists():
         raise ValueError(f"{out_dir} already holds a comparison; use --resume to continue it, or another --out")
     write_json(described, saved)
@@ -93,8 +94,8 @@ def load_runs(out_dir: Path) -> list[dict[str, Any]]:
             runs.append(
                 {
                     "label": run_dir.name,
-                    "config": json.loads((run_dir / CONFIG_NAME).read_text()),
-                    "final": json.loads(final.read_text()),
+                    "config": read_json(run_dir / CONFIG_NAME),
+                    "final": nan_for_null(read_json(final)),
                 }
             )
     return runs
@@ -107,7 +108,7 @@ def summarize(out_dir: str | Path) -> dict[str, Any]:
     (lowest validation loss for regression); ``selection`` lists the validation score of every ρ.
     """
     out_dir = Path(out_dir)
-    described = json.loads((out_dir / CONFIG_NAME).read_text())
+    described = read_json(out_dir / CONFIG_NAME)
     runs = load_runs(out_dir)
     if not runs:
         raise ValueError(f"{out_dir} has no finished runs under {RUNS_DIR}/")

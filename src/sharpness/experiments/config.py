@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
+from sharpness import checks
 from sharpness.data import DATASETS
 from sharpness.models import parse_model_name
 from sharpness.optim.registry import OPTIMIZERS, SAM_FAMILY
@@ -117,8 +121,7 @@ class RunConfig:
                 f"dataset {self.dataset!r} is read from a local folder: pass --data-dir DIR (the folder with the "
                 "python-pickle batches, e.g. cifar-10-batches-py)"
             )
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        _check_device(self.device)
         return self
 
 
@@ -159,6 +162,21 @@ class CompareConfig:
         return self.run.epochs * (2 if self.equal_compute and optimizer not in SAM_FAMILY else 1)
 
 
+def _check_device(device: Any) -> None:
+    """ConfigError unless ``device`` is ``cpu`` or ``cuda[:N]`` naming a CUDA device that torch sees here.
+
+    Checked with the other settings, so ``--device cuda`` on a machine without CUDA fails before anything is created.
+    """
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if device != "cpu":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(device.partition(":")[2] or 0) >= count:
+            raise ConfigError(
+                f"device {device!r} is not available here (torch sees {count} CUDA device(s)); pass --device cpu"
+            )
+
+
 # ----------------------------------------------------------------------------- building from flags / TOML
 
 RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
@@ -194,14 +212,17 @@ def build_config(values: dict[str, Any], *, compare: bool) -> RunConfig | Compar
 # ----------------------------------------------------------------------------- checks
 
 
+# Thin uses of sharpness.checks that raise ConfigError (the CLI turns it into exit status 2).
+
+
 def check_choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ConfigError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+    """ConfigError unless ``value`` is one of ``valid``."""
+    checks.check_choice(value, name, valid, error=ConfigError)
 
 
 def check_integer(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    """ConfigError unless ``value`` is an integer (not a bool) ``>= minimum``."""
+    checks.check_integer(value, name, low=minimum, error=ConfigError)
 
 
 def check_number(
@@ -213,11 +234,8 @@ def check_number(
     low_open: bool = False,
     high_open: bool = False,
 ) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ConfigError(f"{name} must be a finite number in {interval}, got {value!r}")
+    """ConfigError unless ``value`` is a finite number between ``low`` and ``high`` (open or closed ends)."""
+    checks.check_real(value, name, low=low, high=high, low_open=low_open, high_open=high_open, error=ConfigError)
 
 
 __all__ = [

@@ -20,7 +20,6 @@ built for the measurement, and the estimators leave it as they found it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,7 +39,7 @@ from sharpness.curvature import (
 from sharpness.experiments.config import RunConfig, build_config, check_choice, check_integer, check_number
 from sharpness.experiments.figures import pyplot, save_figure
 from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, build_trainer, load_data
-from sharpness.train import CHECKPOINT_NAME, load_checkpoint, write_json
+from sharpness.train import CHECKPOINT_NAME, load_checkpoint, load_weights, read_json, write_json
 from sharpness.train.checkpoint import json_safe
 
 __all__ = ["DEFAULT_WHAT", "MEASURE_NAME", "DENSITY_FIGURE", "WHAT", "format_measurements", "measure", "parse_what"]
@@ -92,16 +91,17 @@ def _locate(path: str | Path) -> tuple[Path, Path]:
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a sharpness run folder: {config_path} is missing")
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"no checkpoint at {checkpoint} (has the run finished its first epoch?)")
+        raise FileNotFoundError(
+            f"no checkpoint at {checkpoint}: the run has not completed an epoch; "
+            f"train it with: sharpness train --resume {run_dir}"
+        )
     return run_dir, checkpoint
 
 
-def _load_config(run_dir: Path) -> RunConfig:
+def _load_config(run_dir: Path, device: str | None) -> RunConfig:
+    """The run's settings, on ``device`` if given (checked: a CUDA device must exist here)."""
     config_path = run_dir / CONFIG_NAME
-    try:
-        saved = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{config_path} is not readable JSON: {exc}") from None
+    saved = read_json(config_path)
     if not isinstance(saved, dict):
         raise ValueError(f"{config_path} does not hold a run's settings (expected a JSON object)")
     kind = saved.pop("kind", None)
@@ -111,30 +111,19 @@ def _load_config(run_dir: Path) -> RunConfig:
         raise ValueError(f"{run_dir} is a comparison folder; measure one of its runs under {run_dir / 'runs'}{listed}")
     if kind != "train":
         raise ValueError(f"{config_path} has unknown kind {kind!r} (expected a 'train' run folder)")
-    config = build_config(saved, compare=False)
+    config = build_config(saved if device is None else {**saved, "device": device}, compare=False)
     assert isinstance(config, RunConfig)
     return config
-
-
-def _device(config: RunConfig, device: str | None) -> str:
-    device = config.device if device is None else device
-    if device != "cpu" and not str(device).startswith("cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} is not available here; pass --device cpu")
-    return device
 
 
 def _load_model(config: RunConfig, data: Any, checkpoint: Path) -> tuple[torch.nn.Module, Callable, dict[str, Any]]:
     """The run's model with the checkpoint's weights, and its loss; the global RNG is left as it was."""
     state = load_checkpoint(checkpoint)
-    if not isinstance(state.get("model"), dict):
-        raise ValueError(f"{checkpoint} holds no model weights ('model' is missing)")
     with torch.random.fork_rng(devices=[]):  # build_trainer seeds the global RNG for the initial weights
         trainer = build_trainer(config, data)
     try:
-        trainer.model.load_state_dict(state["model"])
-    except RuntimeError as exc:
+        load_weights(trainer.model, state["model"])
+    except ValueError as exc:
         raise ValueError(f"the weights in {checkpoint} do not fit the model of {checkpoint.parent}: {exc}") from None
     return trainer.model, trainer.loss_fn, state
 
@@ -211,6 +200,7 @@ def measure(
     sharpness_samples: int = 20,
     device: str | None = None,
     out: str | Path | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Measure the Hessian (and optionally the ρ-sharpness) of a trained run's loss; write ``measure.json``.
 
@@ -234,6 +224,8 @@ def measure(
         sharpness_steps, sharpness_samples: ascent steps of the worst case, random draws of the average case.
         device: ``cpu`` or ``cuda[:N]``; default the run's device.
         out: folder for ``measure.json`` and ``spectral_density.png``; default ``RUN_DIR/measure``.
+        force: overwrite the ``measure.json`` (and figure) of an earlier measurement in ``out``; without it an
+            existing ``measure.json`` is an error, raised before anything is measured.
 
     Returns:
         The contents of ``measure.json``: ``settings``, ``loss``, ``grad_norm`` and one entry per measurement,
@@ -241,7 +233,8 @@ def measure(
 
     Raises:
         FileNotFoundError: the path is missing or not a run folder, or the checkpoint is missing.
-        ValueError: a corrupt checkpoint or config, an unknown ``what`` item, a bad number or choice.
+        ValueError: a corrupt checkpoint or config, an unknown ``what`` item, a bad number or choice, an existing
+            ``measure.json`` without ``force``.
     """
     names = parse_what(what)
     check_integer("measure_size", measure_size, minimum=1)
@@ -265,9 +258,8 @@ def measure(
     params = [params] if isinstance(params, str) else (list(params) if params else None)
 
     run_dir, checkpoint = _locate(run_dir)
-    config = _load_config(run_dir)
-    device = _device(config, device)
-    config = dataclasses.replace(config, device=device)
+    config = _load_config(run_dir, device)
+    device = config.device
     rho = float(rho) if rho is not None else (config.rho if config.rho > 0 else 0.05)
     adaptive = config.optimizer == "asam" if adaptive is None else bool(adaptive)
     data = load_data(config)
@@ -277,6 +269,11 @@ def measure(
     if top_k > op.dim:
         raise ValueError(f"top_k = {top_k} exceeds the number of measured parameters ({op.dim})")
     out_dir = Path(out) if out is not None else run_dir / MEASURE_DIR
+    if (out_dir / MEASURE_NAME).exists() and not force:  # checked before anything is measured
+        raise ValueError(
+            f"{out_dir / MEASURE_NAME} already exists (an earlier measurement); pass --force to overwrite it, "
+            "or --out DIR to write elsewhere"
+        )
 
     result: dict[str, Any] = {
         "run_dir": str(run_dir),

@@ -16,7 +16,8 @@ from sharpness.experiments.compare import RUNS_DIR, SUMMARY_NAME, format_table, 
 from sharpness.experiments.config import DEFAULT_MODELS
 from sharpness.experiments.figures import pyplot, save_figure
 from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME
-from sharpness.train import write_json
+from sharpness.train import read_json, write_json
+from sharpness.train.checkpoint import nan_for_null
 
 FIGURE_NAME, REPORT_NAME, SHARPNESS_FIGURE = "curves.png", "report.html", "sharpness.png"
 
@@ -33,11 +34,15 @@ def _sharpness_section(tracked: bool) -> list[str]:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The per-epoch records of a run folder's ``metrics.jsonl``."""
+    """The per-epoch records of a run folder's ``metrics.jsonl``; a ``null`` (a non-finite metric) reads as NaN."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except ValueError as exc:
+        raise ValueError(f"{path} is not readable JSON lines ({exc}); restore the file, or start a new run") from None
+    return [nan_for_null(record) for record in records]
 
 
 def write_report(run_dir: str | Path) -> list[Path]:
@@ -46,7 +51,8 @@ def write_report(run_dir: str | Path) -> list[Path]:
     config_path = run_dir / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a sharpness run folder: {config_path} is missing")
-    kind = json.loads(config_path.read_text()).get("kind")
+    settings = read_json(config_path)
+    kind = settings.get("kind") if isinstance(settings, dict) else None
     if kind == "compare":
         return _compare_report(run_dir)
     if kind == "train":
@@ -127,12 +133,12 @@ def _compare_report(out_dir: Path) -> list[Path]:
 
 
 def _train_report(run_dir: Path) -> list[Path]:
-    config = json.loads((run_dir / CONFIG_NAME).read_text())
+    config = read_json(run_dir / CONFIG_NAME)
     title = f"{config['dataset']} / {config['model'] or DEFAULT_MODELS[config['dataset']]} / {config['optimizer']}"
     _curves_figure({config["optimizer"]: [read_metrics(run_dir)]}, run_dir / FIGURE_NAME, title)
     tracked = _sharpness_figure({config["optimizer"]: run_dir / TRACKING_NAME}, run_dir / SHARPNESS_FIGURE, title)
     final_path = run_dir / FINAL_NAME
-    final = json.loads(final_path.read_text()) if final_path.is_file() else None
+    final = read_json(final_path) if final_path.is_file() else None
     body = [
         f"<h1>sharpness train: {html.escape(title)}</h1>",
         "<h2>Final metrics</h2>",
@@ -151,7 +157,7 @@ def _runs_table(out_dir: Path) -> str:
         final_path = run_dir / FINAL_NAME
         if not final_path.is_file():
             continue
-        final = json.loads(final_path.read_text())
+        final = read_json(final_path)
         cells = [run_dir.name] + [_fmt(final.get(key)) for key in ("test_acc", "test_loss", "train_loss", "gap")]
         rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     head = "".join(f"<th>{h}</th>" for h in ("run", "test acc", "test loss", "train loss", "gap"))
@@ -177,7 +183,7 @@ def _sharpness_figure(series: dict[str, Path], path: Path, title: str) -> bool:
     plt = pyplot()
     fig, axis = plt.subplots(figsize=(11, 4))
     for label, file in tracked.items():
-        rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        rows = [nan_for_null(json.loads(line)) for line in file.read_text().splitlines() if line.strip()]
         steps = [row["step"] for row in rows]
         (line,) = axis.plot(steps, [row["lambda_max"] for row in rows], label=f"{label}: λ_max")
         kind = "SAM-edge" if rows[-1]["edge_kind"] == "sam" else "2/η"

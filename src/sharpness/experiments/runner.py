@@ -8,7 +8,6 @@ the run has finished, ``final.json`` (eval-mode metrics on every split and the g
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from sharpness.train import (
     NonFiniteLossError,
     Trainer,
     load_checkpoint,
+    read_json,
     write_json,
 )
 
@@ -93,17 +93,20 @@ def run_training(
     """Train as ``config`` says, writing the run folder; returns the final metrics (also in ``final.json``).
 
     With ``resume=True`` the folder's checkpoint is loaded and training continues from it; the folder's
-    ``config.json`` must match ``config`` (a resumed run with other settings would not be the same run).
-    ``callbacks`` run before the metrics logger and the checkpointer (so they can add metrics).
+    ``config.json`` must match ``config`` (a resumed run with other settings would not be the same run). A run
+    that stopped before its first checkpoint has nothing to continue from and is trained from the start (it is
+    deterministic, so this is the same run). ``callbacks`` run before the metrics logger and the checkpointer
+    (so they can add metrics).
     """
     config.validate()
     run_dir = Path(run_dir)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     saved_config = run_dir / CONFIG_NAME
+    state = None
     if resume:
         _check_same_config(saved_config, config)
-        state = load_checkpoint(run_dir)
+        state = _resume_state(run_dir)
     elif (run_dir / FINAL_NAME).exists() or (run_dir / CHECKPOINT_NAME).exists():
         raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it, or choose another --out")
     data = data if data is not None else load_data(config)
@@ -115,9 +118,9 @@ def run_training(
         data,
         [*callbacks, *tracking, MetricsLogger(run_dir), Checkpointer(run_dir, every=config.checkpoint_every)],
     )
-    if resume:
-        trainer.load_state_dict(state)
-    else:
+    if state is not None:
+        _restore(trainer, state, run_dir / CHECKPOINT_NAME)
+    if not resume:
         write_json({"kind": "train", **dataclasses.asdict(config)}, saved_config)
     try:
         trainer.fit()
@@ -137,7 +140,7 @@ def run_training(
 def _check_same_config(path: Path, config: RunConfig) -> None:
     if not path.is_file():
         raise ConfigError(f"cannot resume: {path} does not exist (is this a sharpness run folder?)")
-    saved = json.loads(path.read_text())
+    saved = read_json(path)
     saved.pop("kind", None)
     # threads and device only decide where and how fast the run computes, not what it computes.
     current = {key: value for key, value in dataclasses.asdict(config).items() if key not in ("threads", "device")}
@@ -147,3 +150,27 @@ def _check_same_config(path: Path, config: RunConfig) -> None:
             f"cannot resume {path.parent}: the settings differ from the saved run in {differing}; "
             "resume with the run's own settings"
         )
+
+
+def _resume_state(run_dir: Path) -> dict[str, Any] | None:
+    """The checkpoint to resume from, or ``None`` for a run that stopped before its first one (it restarts)."""
+    if (run_dir / CHECKPOINT_NAME).exists():
+        return load_checkpoint(run_dir)
+    if (run_dir / FINAL_NAME).exists():
+        raise ConfigError(
+            f"cannot resume {run_dir}: the run has finished ({FINAL_NAME}) but its {CHECKPOINT_NAME} is missing, "
+            "so there is nothing to continue; start a new run with --out"
+        )
+    return None
+
+
+def _restore(trainer: Trainer, state: dict[str, Any], checkpoint: Path) -> None:
+    """Load ``state`` into ``trainer``; a one-line ConfigError if it does not fit (another run's checkpoint)."""
+    try:
+        trainer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: {reason}; is it the checkpoint of another run? resume the folder it "
+            "came from, or start a new run with --out"
+        ) from None

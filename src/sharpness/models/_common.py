@@ -8,10 +8,12 @@ command line can pass option values through unchanged.
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from torch import nn
+
+from sharpness.checks import check_bool, check_integer, check_real, is_integer
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -22,26 +24,24 @@ def check_shape(input_shape: object, *, model: str, lengths: tuple[int, ...], ex
     if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
         raise ValueError(f"{model}: input_shape must be {expected}, got {input_shape!r}")
     shape = tuple(input_shape)
-    if len(shape) not in lengths or not all(
-        isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in shape
-    ):
+    if len(shape) not in lengths or not all(is_integer(d) and d >= 1 for d in shape):
         raise ValueError(f"{model}: input_shape must be {expected} (positive integers), got {input_shape!r}")
     return tuple(int(d) for d in shape)
 
 
+def from_text(value: Any, kind: Callable[[str], Any]) -> Any:
+    """``kind(value)`` if ``value`` is a string that ``kind`` (``int``, ``float``) parses, else ``value`` itself."""
+    if isinstance(value, str):
+        try:
+            return kind(value.strip())
+        except ValueError:
+            pass
+    return value
+
+
 def as_int(value: object, name: str, *, model: str, minimum: int = 1) -> int:
     """An integer >= ``minimum`` (an int, or a string spelling one)."""
-    result: int | None = None
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        result = int(value)
-    elif isinstance(value, str):
-        try:
-            result = int(value.strip())
-        except ValueError:
-            result = None
-    if result is None or result < minimum:
-        raise ValueError(f"{model}: {name} must be an integer >= {minimum}, got {value!r}")
-    return result
+    return check_integer(from_text(value, int), name, owner=model, low=minimum)
 
 
 def as_int_tuple(value: object, name: str, *, model: str, allow_empty: bool) -> tuple[int, ...]:
@@ -50,7 +50,7 @@ def as_int_tuple(value: object, name: str, *, model: str, allow_empty: bool) -> 
     if isinstance(value, str):
         text = value.strip()
         items = [] if text == "" else [part.strip() for part in text.split(",")]
-    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    elif is_integer(value):
         items = [value]
     elif isinstance(value, Sequence):
         items = list(value)
@@ -71,26 +71,14 @@ def as_int_tuple(value: object, name: str, *, model: str, allow_empty: bool) -> 
 
 def as_float(value: object, name: str, *, model: str, low: float, high: float) -> float:
     """A float with ``low <= value < high`` (a real number, or a string spelling one)."""
-    result: float | None = None
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        result = float(value)
-    elif isinstance(value, str):
-        try:
-            result = float(value.strip())
-        except ValueError:
-            result = None
-    if result is None or not low <= result < high:
-        raise ValueError(f"{model}: {name} must be a number in [{low}, {high}), got {value!r}")
-    return result
+    return check_real(from_text(value, float), name, owner=model, low=low, high=high, high_open=True)
 
 
 def as_bool(value: object, name: str, *, model: str) -> bool:
     """A bool (also the strings true/false, 1/0, yes/no, on/off)."""
-    if isinstance(value, bool):
-        return value
     if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
         return value.strip().lower() in _TRUE
-    raise ValueError(f"{model}: {name} must be true or false, got {value!r}")
+    return check_bool(value, name, owner=model, error=ValueError)
 
 
 def init_resnet_(model: nn.Module, *, zero_linear_bias: bool) -> None:

@@ -28,23 +28,21 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from sharpness.models._common import as_float, as_int, check_shape, init_resnet_
+from sharpness.checks import is_integer
+from sharpness.models._common import as_float, as_int, check_shape, from_text, init_resnet_
 
 __all__ = ["WideResNet", "WideBasicBlock", "check_depth"]
 
 
 def check_depth(depth: object, *, model: str = "wrn") -> int:
     """Return ``depth`` as an int if it is a valid WideResNet depth (10, 16, 22, 28, 34, 40, ...)."""
-    try:
-        d: int | None = as_int(depth, "depth", model=model, minimum=-(2**63))
-    except ValueError:
-        d = None
-    if d is None or d < 10 or (d - 4) % 6 != 0:
+    d = from_text(depth, int)
+    if not is_integer(d) or d < 10 or (d - 4) % 6 != 0:
         raise ValueError(
             f"{model}: depth must satisfy (depth - 4) % 6 == 0 with depth >= 10 (one of 10, 16, 22, 28, 34, 40, ...): "
             f"WRN-D-K has 3 groups of (D - 4) / 6 blocks of two 3x3 convolutions; got {depth!r}"
         )
-    return d
+    return int(d)
 
 
 class WideBasicBlock(nn.Module):

@@ -1,4 +1,4 @@
-"""First-order solution of SAM's inner maximisation for a general p-norm ball.
+"""First-order solution of SAM's inner maximisation for a general p-norm ball, and the norms it needs.
 
 SAM (Foret et al., ICLR 2021, arXiv 2010.01412, eq. 2) replaces
 ``max_{||ε||_p ≤ ρ} L(w + ε)`` by its first-order Taylor model ``max_{||ε||_p ≤ ρ} <h, ε>``, where ``h`` is the
@@ -11,8 +11,15 @@ with the limits ``p = 2 → ε̂ = ρ h / ||h||_2``, ``p = ∞ → ε̂ = ρ sig
 ``j = argmax |h_j|`` (ties share ρ equally). Everything is homogeneous of degree 0 in ``h``, so a gradient that
 carries a loss scale (fp16 ``GradScaler``) gives the same ε̂.
 
+Numerics. Norms are accumulated in float32 or wider (half-precision gradients included) and combined across
+tensors in float64. A 2-norm computed as ``√Σh²`` overflows (``||h|| ≳ 1.8e19`` in float32) or underflows
+(``≲ 1e-19``) long before ``h`` itself does, so a tensor whose norm lands outside the safe range is re-measured
+as ``max|h| · ||h / max|h|||`` (the scaling the other ``p`` use throughout). The unit direction is formed the same
+way when ``||h||`` is tiny, so ``ρ/||h||`` never overflows. An inf/NaN entry gives an inf/NaN norm.
+
 The functions work on *buckets*: a list of tensor lists, each list on one device and of one dtype, so every
-operation is a ``torch._foreach_*`` call per bucket and never a Python loop over parameters.
+operation is a ``torch._foreach_*`` call per bucket and never a Python loop over parameters on the common path.
+Zero-size tensors must not be passed (the caller drops them: they hold no direction).
 """
 
 from __future__ import annotations
@@ -35,12 +42,65 @@ def dual_exponent(p: float) -> float:
     return p / (p - 1.0)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype norms and dot products of ``dtype`` tensors are accumulated in: float32 or wider."""
+    if dtype in (torch.float64, torch.complex128):
+        return torch.float64
+    return torch.float32
+
+
+def _safe_range(dtype: torch.dtype) -> tuple[float, float]:
+    """Per-tensor 2-norms inside this range cannot have over- or underflowed while summing squares."""
+    info = torch.finfo(dtype)
+    return math.sqrt(info.tiny) * 2.0**12, math.sqrt(info.max) * 2.0**-12
+
+
+def tensor_norms(buckets: Buckets, ord: float) -> Tensor:
+    """The ``ord``-norm of every tensor of ``buckets``, in order, as a float64 CPU vector, without over/underflow.
+
+    Inf/NaN entries give inf/NaN. The common case is one ``torch._foreach_norm`` per bucket, accumulated in
+    float32 or wider, and one host transfer for all of them.
+    """
+    buckets = [tensors for tensors in buckets if tensors]
+    if not buckets:
+        return torch.zeros(0, dtype=torch.float64)
+    raw = [torch.stack(torch._foreach_norm(ts, ord, dtype=accumulation_dtype(ts[0].dtype))) for ts in buckets]
+    norms = torch.cat([n.double() for n in raw]).cpu()
+    if ord in (1.0, math.inf):  # sums of |h| or a max: no squares to overflow
+        return norms
+    start = 0
+    for tensors in buckets:
+        low, high = _safe_range(accumulation_dtype(tensors[0].dtype))
+        part = norms[start : start + len(tensors)]
+        for index in ((part < low) | (part > high)).nonzero().flatten().tolist():  # rare: rescale by max|h|
+            part[index] = _scaled_norm(tensors[index], ord)
+        start += len(tensors)
+    return norms
+
+
+def _scaled_norm(tensor: Tensor, ord: float) -> float:
+    acc = accumulation_dtype(tensor.dtype)
+    peak = float(torch.linalg.vector_norm(tensor, math.inf, dtype=acc))
+    if not math.isfinite(peak) or peak == 0.0:
+        return peak
+    return peak * float(torch.linalg.vector_norm(tensor.to(acc) / peak, ord))
+
+
+def combine_norms(norms: Tensor, ord: float) -> float:
+    """``||(n_1, ..., n_k)||_ord`` of per-tensor norms (float64), scaled so that float64 squares cannot overflow."""
+    if norms.numel() == 0:
+        return 0.0
+    if ord in (1.0, math.inf):
+        return float(torch.linalg.vector_norm(norms, ord))
+    peak = float(norms.abs().max())
+    if not math.isfinite(peak) or peak == 0.0:
+        return float(torch.linalg.vector_norm(norms, ord))  # inf or nan, as the entries say
+    return peak * float(torch.linalg.vector_norm(norms / peak, ord))
+
+
 def global_norm(buckets: Buckets, ord: float) -> float:
-    """``||concat(buckets)||_ord`` as a Python float, accumulated in float64 (one host sync)."""
-    per_bucket = [
-        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, ord)).double(), ord) for tensors in buckets
-    ]
-    return float(torch.linalg.vector_norm(torch.stack(per_bucket), ord))
+    """``||concat(buckets)||_ord`` as a Python float (float32-or-wider per tensor, float64 across; one host sync)."""
+    return combine_norms(tensor_norms(buckets, ord), ord)
 
 
 def dual_norm(buckets: Buckets, p: float) -> float:
@@ -66,25 +126,19 @@ def unit_ascent(buckets: Buckets, p: float, h_dual_norm: float) -> tuple[list[li
     Returns ``(directions, coefficient)`` with the same bucket structure as ``buckets``; the perturbation is
     ``ε = ρ · coefficient · directions``. Splitting off the scalar lets the caller fuse it into one
     ``_foreach_add_(params, directions, alpha=ρ·coefficient)``; for ``p = 2`` the directions are ``h`` itself
-    (no copy). ``h_dual_norm`` must be ``dual_norm(buckets, p)``, finite and positive.
+    (no copy) unless ``||h||`` is tiny. ``h_dual_norm`` must be ``dual_norm(buckets, p)``, finite and positive.
     """
     if not (math.isfinite(h_dual_norm) and h_dual_norm > 0.0):
         raise ValueError(f"unit_ascent needs a finite, positive dual norm, got {h_dual_norm}")
     if p == 2:
-        return [list(tensors) for tensors in buckets], 1.0 / h_dual_norm
+        if _is_safe_scalar(1.0 / h_dual_norm, buckets):
+            return [list(tensors) for tensors in buckets], 1.0 / h_dual_norm
+        h_max = global_norm(buckets, math.inf)  # ||h/h_max|| is in [1, √n]: 1/it is a safe scalar
+        return [list(torch._foreach_div(tensors, h_max)) for tensors in buckets], h_max / h_dual_norm
     if math.isinf(p):
         return [list(torch._foreach_sign(tensors)) for tensors in buckets], 1.0
     if p == 1:
-        # All mass on the largest |h_j| (shared equally between ties): mask = 1 + sign(|h| - max|h|).
-        directions, ties = [], 0.0
-        for tensors in buckets:
-            mask = torch._foreach_sub(torch._foreach_abs(tensors), h_dual_norm)
-            torch._foreach_sign_(mask)
-            torch._foreach_add_(mask, 1)
-            ties += float(torch.stack(torch._foreach_norm(mask, 1)).double().sum())
-            torch._foreach_mul_(mask, torch._foreach_sign(tensors))
-            directions.append(list(mask))
-        return directions, 1.0 / ties
+        return _unit_ascent_l1(buckets, h_dual_norm)
     q = dual_exponent(p)
     h_max = global_norm(buckets, math.inf)
     u_q_norm = h_dual_norm / h_max
@@ -96,3 +150,30 @@ def unit_ascent(buckets: Buckets, p: float, h_dual_norm: float) -> tuple[list[li
         torch._foreach_mul_(d, torch._foreach_sign(u))
         directions.append(list(d))
     return directions, 1.0 / u_q_norm ** (q - 1.0)
+
+
+def _is_safe_scalar(value: float, buckets: Buckets) -> bool:
+    """Whether ``value`` (times a moderate ρ) is a normal number in every bucket's dtype, with room to spare.
+
+    ``torch._foreach_*`` casts a scalar to the tensors' dtype, so ``1/||h||`` for a huge ``||h||`` would be a
+    subnormal (imprecise) or zero float16/bfloat16/float32 number, and for a tiny one it would overflow.
+    """
+    for tensors in buckets:
+        if tensors:
+            info = torch.finfo(tensors[0].dtype)
+            if not info.tiny * 2.0**12 <= value <= info.max * 2.0**-12:
+                return False
+    return True
+
+
+def _unit_ascent_l1(buckets: Buckets, h_max: float) -> tuple[list[list[Tensor]], float]:
+    """``p = 1``: all mass on the largest ``|h_j|``, shared equally between ties (mask = 1 + sign(|h| - max|h|))."""
+    directions, ties = [], 0.0
+    for tensors in buckets:
+        mask = torch._foreach_sub(torch._foreach_abs(tensors), h_max)
+        torch._foreach_sign_(mask)
+        torch._foreach_add_(mask, 1)
+        ties += float(torch.stack(torch._foreach_norm(mask, 1, dtype=torch.float64)).sum())
+        torch._foreach_mul_(mask, torch._foreach_sign(tensors))
+        directions.append(list(mask))
+    return directions, 1.0 / ties

@@ -1,9 +1,14 @@
 """Policies: whether a SAM step pays for its second (perturbed) pass.
 
-A policy sees, once per step, the squared norm ``s_t = ||g_t||²`` of the first-pass gradient and answers
-"SAM step or ERM step". :class:`~sharpness.optim.SAM` asks it before the second pass, so an ERM step costs one
-forward/backward. Policies are small state machines whose whole state (step counter, moving averages, random
-generator) round-trips through ``state_dict`` so that a resumed run makes the same decisions.
+A policy sees, once per step, the squared norm ``s_t = ||g_t||²`` of the first-pass gradient (loss scale
+removed) and answers "SAM step or ERM step". :class:`~sharpness.optim.SAM` asks it before the second pass, so an
+ERM step costs one forward/backward. Policies are small state machines whose whole state (step counter, moving
+averages, random generator) and settings round-trip through ``state_dict`` so that a resumed run makes the same
+decisions.
+
+A decision is *tentative* until the optimizer takes the step: :meth:`Policy.commit` keeps the state it advanced
+to, :meth:`Policy.discard` rolls it back (a step skipped for a non-finite gradient, or abandoned by an exception,
+leaves the schedule, the moving averages and the random stream exactly as they were).
 
 - :class:`Always`: plain SAM (Foret et al., 2021).
 - :class:`EveryK`: SAM on steps ``0, k, 2k, ...`` (periodic SAM; LookSAM's schedule, Liu et al., CVPR 2022).
@@ -20,6 +25,8 @@ from typing import Any, Literal
 
 import torch
 
+from sharpness.checks import check_choice, check_integer, check_probability, check_real
+
 
 class Policy:
     """Decides per step whether to take the SAM (two-pass) step. Subclasses implement :meth:`_decide`."""
@@ -30,21 +37,41 @@ class Policy:
     def __init__(self) -> None:
         self.step = 0  # decisions taken so far (= optimizer steps)
         self.total_steps: int | None = None
+        self._undo: dict[str, Any] | None = None  # the state before a tentative decision
 
     def decide(self, sq_grad_norm: float) -> bool:
-        """The decision for the current step, given ``s_t = ||g_t||²``; advances the step counter."""
+        """The (tentative) decision for the current step, given ``s_t = ||g_t||²``; advances the state.
+
+        Call :meth:`commit` once the step is taken or :meth:`discard` to roll the state back; deciding again
+        without either keeps the previous decision's state (as :meth:`commit`).
+        """
+        self._undo = None
+        undo = self.state_dict()
         wants = self._decide(sq_grad_norm)
         self.step += 1
+        self._undo = undo
         return wants
+
+    def commit(self) -> None:
+        """Keep the state advanced by the last :meth:`decide` (the step was taken)."""
+        self._undo = None
+
+    def committed_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` without an uncommitted decision: what a checkpoint holds (the step is not taken)."""
+        return dict(self._undo) if self._undo is not None else self.state_dict()
+
+    def discard(self) -> None:
+        """Roll back the last uncommitted :meth:`decide` (the step was skipped or abandoned)."""
+        if self._undo is not None:
+            self.load_state_dict(self._undo)
+            self._undo = None
 
     def _decide(self, sq_grad_norm: float) -> bool:
         raise NotImplementedError
 
     def set_total_steps(self, total_steps: int) -> None:
         """The planned training length, for schedules of progress ``t / T`` (the training loop sets it)."""
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
-        self.total_steps = total_steps
+        self.total_steps = check_integer(total_steps, "total_steps", owner=type(self).__name__, low=1)
 
     def progress(self) -> float:
         """``t / T`` clipped to [0, 1]; needs :attr:`total_steps`."""
@@ -60,11 +87,38 @@ class Policy:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "total_steps": self.total_steps}
+        """The policy's type, settings and state; :meth:`load_state_dict` restores all of them."""
+        return {"type": type(self).__name__, "step": self.step, "total_steps": self.total_steps, **self.settings()}
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor's settings that are saved with the state (numbers and strings only)."""
+        return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` of the same policy type (settings included); a clear error otherwise."""
+        saved = state.get("type", type(self).__name__)  # format-1 checkpoints did not save the type
+        if saved != type(self).__name__:
+            raise ValueError(
+                f"{type(self).__name__}: the state was saved by a {saved} policy; build the optimizer with the "
+                "same preset (or policy) as the checkpoint"
+            )
+        missing = sorted({"step", "total_steps", *self._state_keys()} - set(state))
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__}: the saved policy state lacks {missing}; it is not from this policy"
+            )
+        self._load(state)
+
+    def _state_keys(self) -> tuple[str, ...]:
+        """Keys (besides step and total_steps) a saved state must have."""
+        return ()
+
+    def _load(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
         self.total_steps = state["total_steps"]
+        for key in self.settings():
+            if key in state:
+                setattr(self, key, state[key])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -82,14 +136,14 @@ class EveryK(Policy):
 
     def __init__(self, k: int, offset: int = 0) -> None:
         super().__init__()
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"EveryK: k must be an integer >= 1, got {k!r}")
-        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < k:
-            raise ValueError(f"EveryK: offset must be an integer in [0, k), got {offset!r}")
-        self.k, self.offset = k, offset
+        self.k = check_integer(k, "k", owner="EveryK", low=1)
+        self.offset = check_integer(offset, "offset", owner="EveryK", low=0, high=self.k - 1)
 
     def _decide(self, sq_grad_norm: float) -> bool:
         return self.step % self.k == self.offset
+
+    def settings(self) -> dict[str, Any]:
+        return {"k": self.k, "offset": self.offset}
 
     def __repr__(self) -> str:
         return f"EveryK(k={self.k}, offset={self.offset})"
@@ -104,17 +158,13 @@ class Bernoulli(Policy):
 
     def __init__(self, p: float | Callable[[float], float], seed: int = 0) -> None:
         super().__init__()
-        if not callable(p):
-            self._check_probability(p)
-        self.p = p
-        self.generator = torch.Generator().manual_seed(seed)
+        self.p = p if callable(p) else self._check_probability(p)
+        self.generator = torch.Generator().manual_seed(check_integer(seed, "seed", owner="Bernoulli"))
         self.last_p = math.nan
 
     @staticmethod
     def _check_probability(p: Any) -> float:
-        if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
-            raise ValueError(f"Bernoulli: the probability must be a number in [0, 1], got {p!r}")
-        return float(p)
+        return check_probability(p, "the probability", owner="Bernoulli")
 
     def _decide(self, sq_grad_norm: float) -> bool:
         self.last_p = self._check_probability(self.p(self.progress()) if callable(self.p) else self.p)
@@ -123,11 +173,17 @@ class Bernoulli(Policy):
     def statistics(self) -> dict[str, float]:
         return {"p": self.last_p}
 
+    def settings(self) -> dict[str, Any]:
+        return {} if callable(self.p) else {"p": self.p}  # a schedule (a callable) stays the constructor's
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "generator": self.generator.get_state(), "last_p": self.last_p}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+    def _state_keys(self) -> tuple[str, ...]:
+        return ("generator", "last_p")
+
+    def _load(self, state: dict[str, Any]) -> None:
+        super()._load(state)
         self.generator.set_state(state["generator"])
         self.last_p = state["last_p"]
 
@@ -167,18 +223,14 @@ class Adaptive(Policy):
         init: Literal["first", "zero"] = "first",
     ) -> None:
         super().__init__()
-        if not (isinstance(delta, int | float) and 0.0 <= delta < 1.0):
-            raise ValueError(f"Adaptive: delta must be in [0, 1), got {delta!r}")
-        for name, value in (("lambda1", lambda1), ("lambda2", lambda2)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(f"Adaptive: {name} must be a finite number, got {value!r}")
-        if init not in ("first", "zero"):
-            raise ValueError(f"Adaptive: init must be 'first' or 'zero', got {init!r}")
-        self.delta, self.lambda1, self.lambda2, self.init = float(delta), float(lambda1), float(lambda2), init
+        self.delta = check_real(delta, "delta", owner="Adaptive", low=0.0, high=1.0, high_open=True)
+        self.lambda1 = check_real(lambda1, "lambda1", owner="Adaptive")
+        self.lambda2 = check_real(lambda2, "lambda2", owner="Adaptive")
+        self.init = check_choice(init, "init", ("first", "zero"), owner="Adaptive")
         if total_steps is not None:
             self.set_total_steps(total_steps)
         self.mean = 0.0
-        self.var = 0.0
+        self.sigma = 0.0
         self.last = {"s": math.nan, "mu": math.nan, "sigma": math.nan, "c": math.nan}
 
     def threshold(self) -> float:
@@ -187,26 +239,39 @@ class Adaptive(Policy):
         return progress * self.lambda1 + (1.0 - progress) * self.lambda2
 
     def _decide(self, sq_grad_norm: float) -> bool:
+        """Update μ and σ with ``s_t`` and compare. σ is kept rather than σ² and updated as
+        ``hypot(√δ σ, √(1-δ) (s-μ))``, so that ``(s-μ)²`` cannot overflow for huge (float64) gradients; an
+        ``s_t`` that is itself inf (``||g|| > 1.3e154``, a finite gradient) is a SAM step and leaves μ, σ as they are.
+        """
         c = self.threshold()
         s = sq_grad_norm
+        if math.isinf(s):
+            self.last = {"s": s, "mu": self.mean, "sigma": self.sigma, "c": c}
+            return True
         if self.step == 0 and self.init == "first":
-            self.mean, self.var = s, 0.0
+            self.mean, self.sigma = s, 0.0
         else:
             self.mean = self.delta * self.mean + (1.0 - self.delta) * s
-            self.var = self.delta * self.var + (1.0 - self.delta) * (s - self.mean) ** 2
-        sigma = math.sqrt(self.var)
-        self.last = {"s": s, "mu": self.mean, "sigma": sigma, "c": c}
-        return s >= self.mean + c * sigma
+            self.sigma = math.hypot(math.sqrt(self.delta) * self.sigma, math.sqrt(1.0 - self.delta) * (s - self.mean))
+        self.last = {"s": s, "mu": self.mean, "sigma": self.sigma, "c": c}
+        return s >= self.mean + c * self.sigma
 
     def statistics(self) -> dict[str, float]:
         return dict(self.last)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "mean": self.mean, "var": self.var, "last": dict(self.last)}
+    def settings(self) -> dict[str, Any]:
+        return {"delta": self.delta, "lambda1": self.lambda1, "lambda2": self.lambda2, "init": self.init}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.mean, self.var, self.last = state["mean"], state["var"], dict(state["last"])
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "mean": self.mean, "sigma": self.sigma, "last": dict(self.last)}
+
+    def _state_keys(self) -> tuple[str, ...]:
+        return ("mean", "last")
+
+    def _load(self, state: dict[str, Any]) -> None:
+        super()._load(state)
+        self.mean, self.last = state["mean"], dict(state["last"])
+        self.sigma = state["sigma"] if "sigma" in state else math.sqrt(state["var"])  # format 1 saved σ²
 
     def __repr__(self) -> str:
         return (

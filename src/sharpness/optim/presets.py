@@ -4,7 +4,7 @@
 preset             policy                          reuse                  reference
 =================  ==============================  =====================  ==========================================
 ``PeriodicSAM``    ``EveryK(k)``                   none                   SAM every k-th step
-``RandomSAM``      ``Bernoulli(p)``                none                   SS-SAM / RST (Zhao et al., 2022)
+``RandomSAM``      ``Bernoulli(prob)``             none                   SS-SAM / RST (Zhao et al., 2022)
 ``LookSAM``        ``EveryK(k)``                   ``LookSAMReuse(α)``    Liu et al., CVPR 2022 (k = 5, α = 0.7)
 ``AESAM``          ``Adaptive(δ, λ₁, λ₂, T)``      none                   Jiang et al., ICLR 2023
 ``AELookSAM``      ``Adaptive(δ, λ₁, λ₂, T)``      ``LookSAMReuse(α)``    Jiang et al., ICLR 2023
@@ -35,12 +35,15 @@ def RandomSAM(  # noqa: N802
     base_optimizer: Any,
     rho: float = 0.05,
     *,
-    p: float | Callable[[float], float] = 0.5,
+    prob: float | Callable[[float], float] = 0.5,
     seed: int = 0,
     **kwargs: Any,
 ) -> SAM:
-    """SAM with probability ``p`` per step (or ``p(t/T)``, a schedule of training progress)."""
-    return SAM(params, base_optimizer, rho, policy=Bernoulli(p, seed=seed), **kwargs)
+    """SAM with probability ``prob`` per step (or ``prob(t/T)``, a schedule of training progress).
+
+    ``p`` is SAM's norm, as for every preset (version 0.1 used ``p`` for the probability).
+    """
+    return SAM(params, base_optimizer, rho, policy=Bernoulli(prob, seed=seed), **kwargs)
 
 
 def LookSAM(  # noqa: N802

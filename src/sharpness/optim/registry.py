@@ -69,7 +69,7 @@ def build_optimizer(
     if key == "periodicsam":
         return PeriodicSAM(params, sgd, rho, k=k or PRESET_DEFAULT_K[key], **common)
     if key == "randomsam":
-        return RandomSAM(params, sgd, rho, p=sam_prob, seed=seed, **common)
+        return RandomSAM(params, sgd, rho, prob=sam_prob, seed=seed, **common)
     if key == "looksam":
         return LookSAM(params, sgd, rho, k=k or PRESET_DEFAULT_K[key], alpha=alpha, **common)
     if key == "aesam":

@@ -10,29 +10,36 @@ and on ERM steps it replaces ``g`` by
 
     g + α (||g|| / ||g_v||) g_v,
 
-i.e. it adds the stored "sharpness direction" with a length of ``α ||g||``. Norms are global by default
-(``per_tensor=False``) or per parameter tensor. Before the first SAM step there is no ``g_v`` and an ERM step
-uses ``g`` alone. The direction of ``g_v`` and the ratio are invariant to a common scale of the gradients, so a
-``GradScaler``'s loss scale does not change the update.
+i.e. it adds the stored "sharpness direction" with a length of ``α ||g||``. With ``per_tensor=True`` both
+formulas are applied to each parameter tensor separately (the projection and the length per tensor, the
+layer-wise variant); by default the inner product and the norms are global. Before the first SAM step there is no
+``g_v`` and an ERM step uses ``g`` alone. The direction of ``g_v`` and the ratio are invariant to a common scale
+of the gradients, so a ``GradScaler``'s loss scale does not change the update.
+
+Numerics: the projection is computed in float32 or wider (half-precision gradients are upcast), as
+``<g_s, g>/||g||² = (||g_s||/||g||) cos θ`` with ``cos θ`` from the unit vectors (no squared norms that could
+overflow, no cancellation between large squares), and ``g_v`` is stored in the parameters' dtype. A ``g_v`` that
+is not finite is never stored (the previous one is kept), and a stored ``g_v`` of norm 0 adds nothing.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from sharpness.optim.perturbation import Buckets, global_norm
+from sharpness.checks import check_bool, check_real
+from sharpness.optim.perturbation import Buckets, accumulation_dtype, global_norm, tensor_norms
 
 
 class LookSAMReuse:
     """LookSAM's gradient reuse with weight ``alpha`` (see the module docstring)."""
 
     def __init__(self, alpha: float = 0.7, per_tensor: bool = False) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha >= 0:
-            raise ValueError(f"LookSAMReuse: alpha must be a number >= 0, got {alpha!r}")
-        self.alpha, self.per_tensor = float(alpha), per_tensor
+        self.alpha = check_real(alpha, "alpha", owner="LookSAMReuse", low=0.0, what="LookSAM's reuse weight")
+        self.per_tensor = check_bool(per_tensor, "per_tensor", owner="LookSAMReuse")
         self.g_v: dict[Tensor, Tensor] = {}  # parameter -> stored orthogonal component
         self._first: dict[Tensor, Tensor] = {}  # parameter -> gradient at w of the current SAM step
 
@@ -40,17 +47,35 @@ class LookSAMReuse:
         """Keep ``g`` of a SAM step (the first pass's gradient is zeroed before the second pass)."""
         self._first = {p: g.detach().clone() for p, g in _pairs(params, grads)}
 
+    def discard_first_gradient(self) -> None:
+        """Forget the saved ``g`` of a SAM step that was skipped or abandoned."""
+        self._first = {}
+
     @torch.no_grad()
     def update(self, params: Buckets, sam_grads: Buckets) -> None:
-        """After a SAM step's second pass: ``g_v = g_s - (<g_s, g>/||g||²) g`` from the saved ``g``."""
+        """After a SAM step's second pass: ``g_v = g_s - (<g_s, g>/||g||²) g`` from the saved ``g``.
+
+        Call only with finite gradients; a ``g_v`` that still comes out non-finite is not stored.
+        """
         keys, g_s, g = _matched(params, sam_grads, self._first)
-        g_norm_sq = global_norm(g, 2.0) ** 2 if g else 0.0
-        coefficient = _global_dot(g_s, g) / g_norm_sq if g_norm_sq > 0 else 0.0
-        self.g_v = {}
-        for bucket_keys, gs_bucket, g_bucket in zip(keys, g_s, g, strict=True):
-            g_v = torch._foreach_add(gs_bucket, g_bucket, alpha=-coefficient)
-            self.g_v.update(zip(bucket_keys, g_v, strict=True))
         self._first = {}
+        if not keys:
+            return
+        dtypes = [bucket[0].dtype for bucket in g_s]  # stored in the gradients' dtype
+        g_s, g = _upcast(g_s), _upcast(g)
+        if self.per_tensor:
+            pairs = zip(g_s, g, strict=True)
+            g_v = [torch._foreach_sub(s, torch._foreach_mul(f, _tensor_coefficients(s, f))) for s, f in pairs]
+        else:
+            coefficient = _projection_coefficient(g_s, g)
+            g_v = [torch._foreach_add(s, f, alpha=-coefficient) for s, f in zip(g_s, g, strict=True)]
+        if not math.isfinite(global_norm(g_v, 2.0)):
+            return
+        self.g_v = {
+            key: v.to(dtype)
+            for bucket_keys, v_list, dtype in zip(keys, g_v, dtypes, strict=True)
+            for key, v in zip(bucket_keys, v_list, strict=True)
+        }
 
     @torch.no_grad()
     def apply(self, params: Buckets, grads: Buckets) -> None:
@@ -62,25 +87,29 @@ class LookSAMReuse:
             return
         if self.per_tensor:
             for g_list, v_list in zip(g, g_v, strict=True):
-                v_norms = torch._foreach_norm(v_list)
-                torch._foreach_clamp_min_(v_norms, torch.finfo(v_norms[0].dtype).tiny)  # g_v = 0 adds nothing
-                ratios = torch._foreach_div(torch._foreach_norm(g_list), v_norms)
-                torch._foreach_mul_(ratios, self.alpha)
-                torch._foreach_add_(g_list, torch._foreach_mul(v_list, ratios))
+                ratios = _safe_ratios(tensor_norms([g_list], 2.0), tensor_norms([v_list], 2.0))
+                torch._foreach_add_(g_list, torch._foreach_mul(v_list, [self.alpha * r for r in ratios]))
             return
         v_norm = global_norm(g_v, 2.0)
-        if v_norm == 0.0:
+        if not (math.isfinite(v_norm) and v_norm > 0.0):
             return
         scale = self.alpha * global_norm(g, 2.0) / v_norm
         for g_list, v_list in zip(g, g_v, strict=True):
             torch._foreach_add_(g_list, v_list, alpha=scale)
 
     def state_dict(self, param_order: list[Tensor]) -> dict[str, Any]:
-        """``g_v`` by the parameters' positions in ``param_order`` (as optimizer state dicts do)."""
+        """``g_v`` by the parameters' positions in ``param_order`` (as optimizer state dicts do), and the settings."""
         index = {p: i for i, p in enumerate(param_order)}
         return {"alpha": self.alpha, "per_tensor": self.per_tensor, "g_v": {index[p]: v for p, v in self.g_v.items()}}
 
     def load_state_dict(self, state: dict[str, Any], param_order: list[Tensor]) -> None:
+        """Restore :meth:`state_dict` (``alpha`` and ``per_tensor`` included: the checkpoint is the source)."""
+        missing = sorted({"alpha", "per_tensor", "g_v"} - set(state))
+        if missing:
+            raise ValueError(f"LookSAMReuse: the saved state lacks {missing}; it is not a LookSAM reuse state")
+        bad = [i for i in state["g_v"] if not 0 <= int(i) < len(param_order)]
+        if bad:
+            raise ValueError(f"LookSAMReuse: the saved g_v names parameters {bad} this optimizer does not have")
         self.alpha, self.per_tensor = state["alpha"], state["per_tensor"]
         self.g_v = {param_order[int(i)]: v.to(param_order[int(i)]) for i, v in state["g_v"].items()}
 
@@ -106,8 +135,40 @@ def _matched(
     return keys, matched_grads, matched_stored
 
 
-def _global_dot(a: Buckets, b: Buckets) -> float:
-    """``<a, b>`` over all buckets by the polarisation identity ``(||a+b||² - ||a-b||²) / 4`` (foreach only)."""
-    plus = [torch._foreach_add(x, y) for x, y in zip(a, b, strict=True)]
-    minus = [torch._foreach_sub(x, y) for x, y in zip(a, b, strict=True)]
-    return (global_norm(plus, 2.0) ** 2 - global_norm(minus, 2.0) ** 2) / 4.0
+def _upcast(buckets: Buckets) -> list[list[Tensor]]:
+    """Each bucket in its accumulation dtype (float32 for half precision; no copy otherwise)."""
+    return [[t.to(accumulation_dtype(t.dtype)) for t in ts] if ts[0].dtype in _HALF else list(ts) for ts in buckets]
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _projection_coefficient(a: Buckets, b: Buckets) -> float:
+    """``<a, b> / ||b||²`` over all buckets as ``(||a||/||b||) cos θ`` (0 when either vector is 0)."""
+    a_norm, b_norm = global_norm(a, 2.0), global_norm(b, 2.0)
+    if a_norm == 0.0 or b_norm == 0.0:
+        return 0.0
+    a_unit = [torch._foreach_div(ts, a_norm) for ts in a]
+    b_unit = [torch._foreach_div(ts, b_norm) for ts in b]
+    plus = [torch._foreach_add(x, y) for x, y in zip(a_unit, b_unit, strict=True)]
+    minus = [torch._foreach_sub(x, y) for x, y in zip(a_unit, b_unit, strict=True)]
+    cosine = (global_norm(plus, 2.0) ** 2 - global_norm(minus, 2.0) ** 2) / 4.0
+    return (a_norm / b_norm) * cosine
+
+
+def _tensor_coefficients(a: list[Tensor], b: list[Tensor]) -> list[float]:
+    """``<a_i, b_i> / ||b_i||²`` per pair of tensors, as in :func:`_projection_coefficient` (0 where either is 0)."""
+    a_norms, b_norms = tensor_norms([a], 2.0), tensor_norms([b], 2.0)
+    ok = (a_norms > 0) & (b_norms > 0) & torch.isfinite(a_norms) & torch.isfinite(b_norms)
+    a_safe, b_safe = torch.where(ok, a_norms, 1.0), torch.where(ok, b_norms, 1.0)
+    a_unit, b_unit = torch._foreach_div(a, a_safe.tolist()), torch._foreach_div(b, b_safe.tolist())
+    plus = tensor_norms([torch._foreach_add(a_unit, b_unit)], 2.0)
+    minus = tensor_norms([torch._foreach_sub(a_unit, b_unit)], 2.0)
+    cosine = (plus**2 - minus**2) / 4.0
+    return torch.where(ok, a_safe / b_safe * cosine, 0.0).tolist()
+
+
+def _safe_ratios(numerators: Tensor, denominators: Tensor) -> list[float]:
+    """``n_i / d_i``, with 0 where ``d_i`` is 0 or not finite (a zero ``g_v`` tensor adds nothing)."""
+    ok = torch.isfinite(denominators) & (denominators > 0)
+    return torch.where(ok, numerators / torch.where(ok, denominators, 1.0), 0.0).tolist()

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sharpness.train.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from sharpness.train.checkpoint import CHECKPOINT_NAME, remove_stale_temps, save_checkpoint, to_json
 
 if TYPE_CHECKING:
     from sharpness.train.loop import StepOutput, Trainer
@@ -44,6 +43,8 @@ class Callback:
 class MetricsLogger(Callback):
     """One row per epoch in ``metrics.jsonl`` and ``metrics.csv`` (and TensorBoard scalars if installed).
 
+    ``metrics.jsonl`` is strict JSON: a NaN or infinite metric is written as ``null``.
+
     At the start of :meth:`Trainer.fit` both files are rewritten from the trainer's history, so a resumed run
     has exactly one row per epoch (the rows of epochs after the checkpoint are dropped).
     """
@@ -65,7 +66,7 @@ class MetricsLogger(Callback):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with self.jsonl_path.open("w") as handle:
             for record in trainer.state.history:
-                handle.write(json.dumps(record) + "\n")
+                handle.write(to_json(record) + "\n")
         self._write_csv(trainer.state.history)
         if self.tensorboard and self._writer is None:
             try:
@@ -77,7 +78,7 @@ class MetricsLogger(Callback):
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         with self.jsonl_path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(to_json(record) + "\n")
         self._write_csv(trainer.state.history)
         if self._writer is not None:
             for key, value in record.items():
@@ -102,7 +103,8 @@ class Checkpointer(Callback):
     """Write the trainer's full state to ``run_dir/checkpoint.pt`` atomically every ``every`` epochs.
 
     Only completed, finite epochs are saved (the loop raises before an epoch with a NaN loss ends), so the file
-    always holds the last good state. The final epoch is always saved.
+    always holds the last good state. The final epoch is always saved. At the start of training the temp files
+    of writes that a killed process left in the folder are removed.
     """
 
     def __init__(self, run_dir: str | Path, *, every: int = 1) -> None:
@@ -110,6 +112,9 @@ class Checkpointer(Callback):
             raise ValueError(f"checkpoint every must be >= 1 epoch, got {every}")
         self.path = Path(run_dir) / CHECKPOINT_NAME
         self.every = every
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        remove_stale_temps(self.path.parent)
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if record["epoch"] % self.every == 0 or record["epoch"] == trainer.epochs:

@@ -25,6 +25,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from sharpness.data import Dataset, iterate_batches, num_batches
 from sharpness.train.callbacks import Callback
+from sharpness.train.checkpoint import load_weights
 
 _SEED_OFFSET_AUGMENT = 1_000_003  # a second, unrelated stream for augmentation
 
@@ -330,8 +331,11 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (usually read by :func:`sharpness.train.load_checkpoint`)."""
-        self.model.load_state_dict(state["model"])
+        """Restore a :meth:`state_dict` (usually read by :func:`sharpness.train.load_checkpoint`).
+
+        Raises a one-line ``ValueError`` when the weights do not fit the model (a checkpoint of another run).
+        """
+        load_weights(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if (state["scheduler"] is None) != (self.scheduler is None):
             raise ValueError("the checkpoint and this run disagree on whether an LR scheduler is used")
