@@ -49,6 +49,7 @@ from sharpness.curvature.linop import CallableOperator
 from sharpness.data import Augmentation, load_dataset, num_batches
 from sharpness.experiments.config import ConfigError, RunConfig
 from sharpness.models import build_model
+from sharpness.optim import SAM, Adaptive, Bernoulli, EveryK, LookSAMReuse
 
 F = nn.functional
 NUMPY_INTEGERS = (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
@@ -305,6 +306,17 @@ CALLS: dict[str, Callable[[Any], Any]] = {
     "build_model": lambda s: (
         build_model("mlp", input_shape=(s.i(6),), num_classes=s.i(3), hidden=(s.i(4),), bias=s.b(False)).hidden
     ),
+    "EveryK": lambda s: vars(EveryK(s.i(3), offset=s.i(1))),
+    "Bernoulli": lambda s: Bernoulli(s.f(0.25), seed=s.i(2)).p,
+    "Adaptive": lambda s: vars(Adaptive(delta=s.f(0.5), lambda1=s.f(-1.0), lambda2=s.f(1.0), total_steps=s.i(10))),
+    "LookSAMReuse": lambda s: LookSAMReuse(alpha=s.f(0.5)).alpha,
+    "SAM": lambda s: {
+        key: value
+        for key, value in SAM(_net().parameters(), torch.optim.SGD, rho=s.f(0.125), p=s.f(3.0), eta=s.f(0.25), lr=0.1)
+        .param_groups[0]
+        .items()
+        if key.startswith("sam_")
+    },
     "RunConfig": lambda s: isinstance(
         RunConfig(epochs=s.i(2), lr=s.f(0.5), rho=s.f(0.125), threads=s.i(1)).validate(), RunConfig
     ),

@@ -83,6 +83,11 @@ def all_gradients(buckets: list[Bucket]) -> list[list[Tensor]]:
     return [bucket.grads for bucket in buckets]
 
 
+def held_gradients(param_groups: list[dict[str, Any]]) -> list[Tensor]:
+    """Every gradient the parameters hold now (a cheap list, without the bucket layout)."""
+    return [param.grad for group in param_groups for param in group["params"] if param.grad is not None]
+
+
 def first_nonempty_gradient(param_groups: list[dict[str, Any]]) -> Tensor | None:
     """The first gradient with at least one element, or ``None``."""
     for group in param_groups:

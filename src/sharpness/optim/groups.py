@@ -27,21 +27,25 @@ def group_key(name: str) -> str:
     return "sam_" + name
 
 
-def check_group(group: Mapping[str, Any]) -> None:
-    """Validate one group's SAM settings, naming the bad value and the fix."""
-    check_real(group["sam_rho"], "rho", owner="SAM", low=0.0, what="the perturbation radius")
-    check_real(group["sam_p"], "p", owner="SAM", low=1.0, allow_inf=True, what="the norm of the perturbation ball")
-    check_real(group["sam_eta"], "eta", owner="SAM", low=0.0, what="ASAM's T_w = |w| + eta")
-    check_choice(group["sam_adaptive_scope"], "adaptive_scope", ADAPTIVE_SCOPES, owner="SAM")
-    for flag in ("adaptive", "include_weight_decay"):
-        check_bool(group[group_key(flag)], flag, owner="SAM")
+def check_group(group: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate one group's SAM settings, naming the bad value and the fix; returns them as Python values."""
+    return {
+        "sam_rho": check_real(group["sam_rho"], "rho", owner="SAM", low=0.0, what="the perturbation radius"),
+        "sam_p": check_real(
+            group["sam_p"], "p", owner="SAM", low=1.0, allow_inf=True, what="the norm of the perturbation ball"
+        ),
+        "sam_eta": check_real(group["sam_eta"], "eta", owner="SAM", low=0.0, what="ASAM's T_w = |w| + eta"),
+        "sam_adaptive": check_bool(group["sam_adaptive"], "adaptive", owner="SAM"),
+        "sam_adaptive_scope": check_choice(group["sam_adaptive_scope"], "adaptive_scope", ADAPTIVE_SCOPES, owner="SAM"),
+        "sam_include_weight_decay": check_bool(group["sam_include_weight_decay"], "include_weight_decay", owner="SAM"),
+    }
 
 
 def fill_group(group: dict[str, Any], defaults: Mapping[str, Any]) -> None:
-    """Give ``group`` SAM's defaults for the keys it lacks, then validate it."""
+    """Give ``group`` SAM's defaults for the keys it lacks, then validate it (values stored as Python types)."""
     for key, value in defaults.items():
         group.setdefault(key, value)
-    check_group(group)
+    group.update(check_group(group))
 
 
 def reject_bare_options(group: Mapping[str, Any], base_defaults: Mapping[str, Any], base_name: str) -> None:
@@ -73,6 +77,4 @@ def common_p(groups: list[dict[str, Any]]) -> float:
 
 def defaults_of(**options: Any) -> dict[str, Any]:
     """SAM's defaults dict (group keys) from the constructor's options, validated."""
-    defaults = {group_key(name): options[name] for name in SAM_OPTIONS}
-    check_group(defaults)
-    return defaults
+    return check_group({group_key(name): options[name] for name in SAM_OPTIONS})

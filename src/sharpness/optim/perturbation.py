@@ -72,18 +72,27 @@ def tensor_norms(buckets: Buckets, ord: float) -> Tensor:
     for tensors in buckets:
         low, high = _safe_range(accumulation_dtype(tensors[0].dtype))
         part = norms[start : start + len(tensors)]
-        for index in ((part < low) | (part > high)).nonzero().flatten().tolist():  # rare: rescale by max|h|
-            part[index] = _scaled_norm(tensors[index], ord)
+        suspect = ((part < low) | (part > high)).nonzero().flatten().tolist()  # 0 may be an underflow
+        if suspect:  # rare: measure these again as max|h| · ||h / max|h|||
+            part[suspect] = _scaled_norms([tensors[i] for i in suspect], ord)
         start += len(tensors)
     return norms
 
 
-def _scaled_norm(tensor: Tensor, ord: float) -> float:
-    acc = accumulation_dtype(tensor.dtype)
-    peak = float(torch.linalg.vector_norm(tensor, math.inf, dtype=acc))
-    if not math.isfinite(peak) or peak == 0.0:
-        return peak
-    return peak * float(torch.linalg.vector_norm(tensor.to(acc) / peak, ord))
+def _scaled_norms(tensors: list[Tensor], ord: float) -> Tensor:
+    """``max|h| · ||h / max|h|||_ord`` per tensor (float64, CPU): no square can over- or underflow.
+
+    A tensor whose largest entry is 0 (most suspects in practice: exactly zero gradients) or not finite keeps
+    ``max|h|`` (0, inf or NaN) without being rescaled.
+    """
+    acc = accumulation_dtype(tensors[0].dtype)
+    peaks = torch.stack(torch._foreach_norm(tensors, math.inf, dtype=acc)).double().cpu()
+    rescale = (torch.isfinite(peaks) & (peaks > 0)).nonzero().flatten().tolist()
+    if rescale:
+        chosen = [tensors[i] if tensors[i].dtype == acc else tensors[i].to(acc) for i in rescale]
+        scaled = torch._foreach_div(chosen, peaks[rescale].tolist())
+        peaks[rescale] = peaks[rescale] * torch.stack(torch._foreach_norm(scaled, ord)).double().cpu()
+    return peaks
 
 
 def combine_norms(norms: Tensor, ord: float) -> float:
@@ -101,6 +110,22 @@ def combine_norms(norms: Tensor, ord: float) -> float:
 def global_norm(buckets: Buckets, ord: float) -> float:
     """``||concat(buckets)||_ord`` as a Python float (float32-or-wider per tensor, float64 across; one host sync)."""
     return combine_norms(tensor_norms(buckets, ord), ord)
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every entry of every tensor (on one device) is finite: one fused pass and one host sync.
+
+    Uses the kernel ``GradScaler`` checks gradients with, multiplying by exactly 1 (so nothing changes); where the
+    kernel does not take the tensors (complex ones, or dtypes a device's kernel does not mix) it checks each tensor.
+    """
+    if not tensors:
+        return True
+    found, one = torch.zeros(1, device=tensors[0].device), torch.ones(1, device=tensors[0].device)
+    try:
+        torch._amp_foreach_non_finite_check_and_unscale_(list(tensors), found, one)
+    except (NotImplementedError, RuntimeError):
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return not bool(found.item())
 
 
 def dual_norm(buckets: Buckets, p: float) -> float:

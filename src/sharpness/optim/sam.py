@@ -20,11 +20,17 @@ from torch.optim import Optimizer
 
 from sharpness.optim import amp
 from sharpness.optim.batchnorm import BatchNormStatsGuard
-from sharpness.optim.buckets import Bucket, all_gradients, collect_buckets, first_nonempty_gradient
+from sharpness.optim.buckets import (
+    Bucket,
+    all_gradients,
+    collect_buckets,
+    first_nonempty_gradient,
+    held_gradients,
+)
 from sharpness.optim.checkpoint import load_sam_state, sam_state_dict, split_state_dict
 from sharpness.optim.groups import common_p, defaults_of, reject_bare_options
 from sharpness.optim.m_sharpness import micro_batch_step
-from sharpness.optim.perturbation import dual_norm, global_norm, unit_ascent
+from sharpness.optim.perturbation import all_finite, dual_norm, global_norm, unit_ascent
 from sharpness.optim.policy import Always, Policy
 from sharpness.optim.reuse import LookSAMReuse
 from sharpness.optim.snapshot import TensorSnapshot
@@ -225,6 +231,12 @@ class SAM(Optimizer):
         if self._grad_norm is None:
             self._grad_norm = global_norm(all_gradients(buckets), 2.0) / loss_scale
         return self._grad_norm
+
+    def _first_gradient_finite(self, buckets: list[Bucket]) -> bool:
+        """Whether the current step's first gradient is finite (its norm, if the policy needed it, says so)."""
+        if self._grad_norm is not None:
+            return math.isfinite(self._grad_norm)
+        return all_finite([grad for bucket in buckets for grad in bucket.grads])
 
     def _begin_step(self) -> None:
         """A new step starts: a previous one that was never finished (e.g. a GradScaler skipped it) is dropped."""
@@ -437,7 +449,7 @@ class SAM(Optimizer):
         loss_scale = amp.loss_scale(scaler, self)
         if self._decision is None:
             self._decide(buckets, loss_scale)
-        if math.isfinite(self._first_grad_norm(buckets, loss_scale)):
+        if self._first_gradient_finite(buckets):
             self._phase = "erm"
             self._base_step(scaler)
         else:
@@ -460,18 +472,18 @@ class SAM(Optimizer):
             self._skip(None)
 
     def _finish_sam_step(self, check_finite: bool) -> None:
-        buckets = self._buckets()
-        if check_finite and not math.isfinite(global_norm(all_gradients(buckets), 2.0)):
+        if check_finite and not all_finite(held_gradients(self.param_groups)):
             self._skip(None)
             return
         if self.reuse is not None:
+            buckets = self._buckets()
             self.reuse.update([b.owners for b in buckets], all_gradients(buckets))
         self.base_optimizer.step()
         self._count_step(sam=True)
 
-    def _finish_erm_step(self) -> None:
+    def _finish_erm_step(self, buckets: list[Bucket] | None = None) -> None:
         if self.reuse is not None:
-            buckets = self._buckets()
+            buckets = buckets if buckets is not None else self._buckets()
             self.reuse.apply([b.owners for b in buckets], all_gradients(buckets))
         self.base_optimizer.step()
         self._count_step(sam=False)
@@ -523,17 +535,21 @@ class SAM(Optimizer):
         if closure is None:
             return self._step_without_closure()
         closure = torch.enable_grad()(closure)
+        self._begin_step()
         loss = self._evaluate(closure, "first (at w)")
-        if not self.wants_sam_step():
-            buckets = self._buckets()
-            if math.isfinite(self._first_grad_norm(buckets, 1.0)):
-                self._finish_erm_step()
+        buckets = self._require_buckets("step")
+        if not self._decide(buckets, 1.0):
+            if self._first_gradient_finite(buckets):
+                self._finish_erm_step(buckets)
             else:
                 self._skip(None)
             return loss
-        if not self.first_step():
+        perturbed = self._perturb(buckets, 1.0)
+        del buckets  # the first pass's gradients are freed before the second pass
+        if not perturbed:
             self._skip(None)
             return loss
+        self._phase = "perturbed"
         try:
             self._evaluate(closure, "second (at w + ε)")
         except BaseException:
