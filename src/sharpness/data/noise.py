@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sharpness.checks import check_integer, check_real
+
 __all__ = ["symmetric_label_noise"]
 
 
@@ -32,10 +34,10 @@ def symmetric_label_noise(labels: Tensor, rate: float, num_classes: int, generat
     """
     if labels.dim() != 1:
         raise ValueError(f"symmetric_label_noise: labels must be 1-D class indices, got shape {tuple(labels.shape)}")
-    if num_classes < 2:
-        raise ValueError(f"symmetric_label_noise: needs at least 2 classes, got num_classes={num_classes}")
-    if not 0 <= rate < 1:
-        raise ValueError(f"symmetric_label_noise: rate must satisfy 0 <= rate < 1, got {rate!r}")
+    num_classes = check_integer(
+        num_classes, "num_classes", owner="symmetric_label_noise", low=2, what="needs at least 2 classes"
+    )
+    rate = check_real(rate, "rate", owner="symmetric_label_noise", low=0.0, high=1.0, high_open=True)
     n = labels.shape[0]
     count = round(rate * n)
     noisy = labels.clone()

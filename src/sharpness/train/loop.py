@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from sharpness.checks import check_integer
 from sharpness.data import Dataset, iterate_batches, num_batches
 from sharpness.train.callbacks import Callback
 from sharpness.train.checkpoint import load_weights
@@ -101,13 +102,10 @@ class Trainer:
         eval_batch_size: int = 1024,
         micro_batch: int | None = None,
     ) -> None:
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        epochs = check_integer(epochs, "epochs", low=1)
+        batch_size = check_integer(batch_size, "batch_size", low=1)
         if micro_batch is not None:
-            if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
-                raise ValueError(f"micro_batch must be an integer >= 1 (m of m-sharpness), got {micro_batch!r}")
+            micro_batch = check_integer(micro_batch, "micro_batch", low=1, what="m of m-sharpness")
             if not hasattr(optimizer, "step_micro_batches"):
                 raise ValueError(
                     f"micro_batch (m-sharpness) needs a sharpness.SAM optimizer, got {type(optimizer).__name__}"
