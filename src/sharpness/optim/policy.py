@@ -34,6 +34,12 @@ class Policy:
     needs_grad_norm = False
     """Whether :meth:`decide` uses ``s_t`` (otherwise the optimizer passes NaN and skips computing it)."""
 
+    replica_consistent = False
+    """Whether replicas that start from the same state and see the same (global) ``s_t`` decide alike: required
+    under data parallelism, where a replica deciding otherwise would wait forever in a collective. The built-in
+    policies are; a subclass must say so (and then keep any randomness in :attr:`generator`, which SAM broadcasts
+    from rank 0)."""
+
     def __init__(self) -> None:
         self.step = 0  # decisions taken so far (= optimizer steps)
         self.total_steps: int | None = None
@@ -127,12 +133,16 @@ class Policy:
 class Always(Policy):
     """Every step is a SAM step: plain SAM."""
 
+    replica_consistent = True
+
     def _decide(self, sq_grad_norm: float) -> bool:
         return True
 
 
 class EveryK(Policy):
     """SAM on steps ``t ≡ offset (mod k)`` (``offset`` 0: the first step is a SAM step); ERM otherwise."""
+
+    replica_consistent = True
 
     def __init__(self, k: int, offset: int = 0) -> None:
         super().__init__()
@@ -155,6 +165,8 @@ class Bernoulli(Policy):
     Draws come from the policy's own ``torch.Generator`` (seeded by ``seed``, saved in ``state_dict``), never from
     the global random state, so the training run's other randomness is unaffected.
     """
+
+    replica_consistent = True
 
     def __init__(self, p: float | Callable[[float], float], seed: int = 0) -> None:
         super().__init__()
@@ -211,6 +223,8 @@ class Adaptive(Policy):
     - ``total_steps=None``: the training loop sets ``T`` (``opt.set_total_steps``); deciding without it is an error.
     - The defaults δ = 0.9, λ₁ = -1, λ₂ = 1 are those believed to be the paper's; they are not verified against it.
     """
+
+    replica_consistent = True
 
     needs_grad_norm = True
 

@@ -6,6 +6,7 @@ ICLR 2021, arXiv 2010.01412, Algorithm 1; ASAM: Kwon, Kim, Park, Choi, ICML 2021
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -28,6 +29,7 @@ from sharpness.optim.buckets import (
     held_gradients,
 )
 from sharpness.optim.checkpoint import load_sam_state, sam_state_dict, split_state_dict
+from sharpness.optim.distributed import EpsilonFrom, ReplicaSync, replica_sync
 from sharpness.optim.groups import common_p, defaults_of, reject_bare_options
 from sharpness.optim.m_sharpness import micro_batch_step
 from sharpness.optim.perturbation import all_finite, dual_norm, global_norm, unit_ascent
@@ -83,6 +85,11 @@ class SAM(Optimizer):
             plain SAM). Steps the policy declines are ERM steps: one forward/backward and the base step.
         reuse: what an ERM step does with stored SAM information (default ``None``: the plain gradient;
             :class:`~sharpness.optim.reuse.LookSAMReuse`: LookSAM's reuse of ``g_v``).
+        epsilon_from: with ``model`` a :class:`~torch.nn.parallel.DistributedDataParallel` module,
+            ``"replica"`` (default): each replica perturbs with its own gradient, the first pass runs under
+            ``model.no_sync()`` and a SAM step all-reduces the gradients once (the paper's m-sharpness with m =
+            the per-replica batch); ``"global"``: the first gradient is all-reduced too (two all-reduces) and
+            every replica perturbs with the global gradient. See ``docs/distributed.md``.
         **base_kwargs: passed to ``base_optimizer`` when it is a class (``lr``, ``momentum``, ...).
 
     SAM's settings live in the shared parameter groups under a ``sam_`` prefix (``group["sam_rho"]``), so they
@@ -134,6 +141,7 @@ class SAM(Optimizer):
         model: nn.Module | None = None,
         policy: Policy | None = None,
         reuse: LookSAMReuse | None = None,
+        epsilon_from: EpsilonFrom = "replica",
         **base_kwargs: Any,
     ) -> None:
         defaults = defaults_of(
@@ -154,6 +162,9 @@ class SAM(Optimizer):
             raise TypeError(f"SAM: reuse must be None or a LookSAMReuse, got {type(reuse).__name__}")
         self.policy = policy if policy is not None else Always()
         self.reuse = reuse
+        self._sync = self._replica_sync(model, epsilon_from)
+        # whether the current first gradient is this replica's own (not all-reduced): the two-step API's contract
+        self._first_pass_local = self._sync is not None and self._sync.local_first_pass
         self._bn_guard = BatchNormStatsGuard(model) if model is not None else None
         self._snapshots: dict[tuple[Any, ...], TensorSnapshot] = {}
         self._phase: Phase = "idle"
@@ -193,6 +204,22 @@ class SAM(Optimizer):
             raise TypeError(f"SAM: base_optimizer must build a torch.optim.Optimizer, got {type(base).__name__}")
         return base
 
+    def _replica_sync(self, model: nn.Module | None, epsilon_from: EpsilonFrom) -> ReplicaSync | None:
+        """Data parallelism (``model`` a DDP module): check the policy can stay consistent, share its randomness."""
+        sync = replica_sync(model, epsilon_from)
+        if sync is None:
+            return None
+        if not self.policy.replica_consistent:
+            raise ValueError(
+                f"SAM: the {type(self.policy).__name__} policy does not declare replica_consistent = True; under "
+                "DistributedDataParallel replicas that decide differently would hang in a collective. Set the "
+                "class attribute once its decisions depend only on its state and the global s_t"
+            )
+        generator = getattr(self.policy, "generator", None)
+        if isinstance(generator, torch.Generator):
+            sync.broadcast_generator(generator)
+        return sync
+
     def _adopt_base_groups(self) -> None:
         # One set of group dicts for both objects: a scheduler or a user editing either one edits both.
         self.param_groups = self.base_optimizer.param_groups
@@ -227,15 +254,31 @@ class SAM(Optimizer):
         return buckets
 
     def _first_grad_norm(self, buckets: list[Bucket], loss_scale: float) -> float:
-        """``||g||_2`` of the current step's first gradient with the loss scale removed (computed once a step)."""
+        """``||g||_2`` of the current step's first gradient with the loss scale removed (computed once a step).
+
+        After a per-replica first pass it is global, from one scalar all-reduce: the root mean square of the
+        replicas' norms (inf/NaN on any replica make it inf/NaN on all, so they all skip the step).
+        """
         if self._grad_norm is None:
-            self._grad_norm = global_norm(all_gradients(buckets), 2.0) / loss_scale
+            norm = global_norm(all_gradients(buckets), 2.0) / loss_scale
+            if self._replica_local():
+                norm = math.sqrt(self._sync.mean(norm * norm, like=buckets[0].grads[0]))
+            self._grad_norm = norm
         return self._grad_norm
 
+    def _replica_local(self) -> bool:
+        """Whether the held first gradient is this replica's own, so that statistics of it need a collective."""
+        return self._sync is not None and self._first_pass_local
+
+    def _average_local_gradients(self, buckets: list[Bucket]) -> None:
+        """An ERM step after a per-replica first pass: the gradient is averaged over replicas here."""
+        if self._replica_local():
+            self._sync.average([grad for bucket in buckets for grad in bucket.grads])
+
     def _first_gradient_finite(self, buckets: list[Bucket]) -> bool:
-        """Whether the current step's first gradient is finite (its norm, if the policy needed it, says so)."""
-        if self._grad_norm is not None:
-            return math.isfinite(self._grad_norm)
+        """Whether the current step's first gradient is finite on every replica (its norm says so, when known)."""
+        if self._grad_norm is not None or self._replica_local():
+            return math.isfinite(self._first_grad_norm(buckets, 1.0))
         return all_finite([grad for bucket in buckets for grad in bucket.grads])
 
     def _begin_step(self) -> None:
@@ -333,6 +376,8 @@ class SAM(Optimizer):
 
     def _perturb(self, buckets: list[Bucket], loss_scale: float) -> bool:
         """``w ← w + ε̂`` (weights saved first); ``False``, changing nothing, when the gradient is not finite."""
+        if self._replica_local() and not math.isfinite(self._first_grad_norm(buckets, loss_scale)):
+            return False  # not finite on some replica: every replica skips
         p = common_p(self.param_groups)
         hs, norm, divisor = self._ascent_inputs(buckets, loss_scale, p)
         self.last_grad_norm = norm * divisor / loss_scale
@@ -450,6 +495,7 @@ class SAM(Optimizer):
         if self._decision is None:
             self._decide(buckets, loss_scale)
         if self._first_gradient_finite(buckets):
+            self._average_local_gradients(buckets)
             self._phase = "erm"
             self._base_step(scaler)
         else:
@@ -478,6 +524,8 @@ class SAM(Optimizer):
         if self.reuse is not None:
             buckets = self._buckets()
             self.reuse.update([b.owners for b in buckets], all_gradients(buckets))
+            if self._replica_local():  # g_v came from this replica's g: the replicas' mean keeps them equal
+                self._sync.average(list(self.reuse.g_v.values()))
         self.base_optimizer.step()
         self._count_step(sam=True)
 
@@ -515,6 +563,7 @@ class SAM(Optimizer):
     def _end_step(self) -> None:
         self._phase = "idle"
         self._decision = self._grad_norm = None
+        self._first_pass_local = self._sync is not None and self._sync.local_first_pass
 
     # ------------------------------------------------------------------ step()
 
@@ -536,10 +585,10 @@ class SAM(Optimizer):
             return self._step_without_closure()
         closure = torch.enable_grad()(closure)
         self._begin_step()
-        loss = self._evaluate(closure, "first (at w)")
-        buckets = self._require_buckets("step")
-        if not self._decide(buckets, 1.0):
+        loss, buckets = self._first_pass(closure)
+        if not self._decide_once(buckets):
             if self._first_gradient_finite(buckets):
+                self._average_local_gradients(buckets)
                 self._finish_erm_step(buckets)
             else:
                 self._skip(None)
@@ -558,6 +607,19 @@ class SAM(Optimizer):
         self.restore()
         self._finish_sam_step(check_finite=True)
         return loss
+
+    def _first_pass(self, closure: Closure) -> tuple[Any, list[Bucket]]:
+        """The closure at ``w``. Under DDP with per-replica ε it runs under ``no_sync()``, unless the policy can
+        decide without the gradient and says ERM (then DDP all-reduces it, as for an SGD step)."""
+        if self._sync is not None and not self.policy.needs_grad_norm:
+            self._decision = self.policy.decide(math.nan)
+        self._first_pass_local = self._sync is not None and self._sync.local_first_pass and self._decision is not False
+        with self._sync.first_pass() if self._first_pass_local else contextlib.nullcontext():
+            loss = self._evaluate(closure, "first (at w)")
+        return loss, self._require_buckets("step")
+
+    def _decide_once(self, buckets: list[Bucket]) -> bool:
+        return self._decision if self._decision is not None else self._decide(buckets, 1.0)
 
     def _step_without_closure(self) -> None:
         if self._phase == "restored":
@@ -609,6 +671,11 @@ class SAM(Optimizer):
             )
         if self._phase == "perturbed":
             raise RuntimeError("SAM.step_micro_batches() called while perturbed; call second_step() or restore()")
+        if self._sync is not None:
+            raise ValueError(
+                "SAM.step_micro_batches(): under DistributedDataParallel every replica already perturbs with its own "
+                "batch shard (m = the per-replica batch); use step(closure)"
+            )
         self._begin_step()
         return micro_batch_step(self, closures, weights)
 

@@ -1,0 +1,221 @@
+"""Runs of the SAM family under DistributedDataParallel, in processes that the tests spawn (gloo, CPU).
+
+:func:`spawn` starts ``world_size`` processes running :func:`_worker` with a hard deadline (a failure cannot hang
+the suite) and returns what each rank recorded. The scenarios are plain functions of ``(rank, world_size)``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import math
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+
+from sharpness import AESAM, SAM, AELookSAM, LookSAM, PeriodicSAM, RandomSAM
+from sharpness.optim.policy import Policy
+
+STEPS = 6
+BASE = dict(lr=0.05, momentum=0.9)
+PRESETS: dict[str, Callable[..., SAM]] = {
+    "sam": lambda ps, **kw: SAM(ps, torch.optim.SGD, rho=0.05, **BASE, **kw),
+    "asam": lambda ps, **kw: SAM(ps, torch.optim.SGD, rho=0.5, adaptive=True, **BASE, **kw),
+    "aesam": lambda ps, **kw: AESAM(ps, torch.optim.SGD, total_steps=STEPS, **BASE, **kw),
+    "aelooksam": lambda ps, **kw: AELookSAM(ps, torch.optim.SGD, total_steps=STEPS, alpha=0.5, **BASE, **kw),
+    "looksam": lambda ps, **kw: LookSAM(ps, torch.optim.SGD, k=2, alpha=0.5, **BASE, **kw),
+    "randomsam": lambda ps, **kw: RandomSAM(ps, torch.optim.SGD, prob=0.5, seed=7, **BASE, **kw),
+    "periodicsam": lambda ps, **kw: PeriodicSAM(ps, torch.optim.SGD, k=2, **BASE, **kw),
+}
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3)).double()
+
+
+def batches(world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Global batches; rank r's shard is rows r::world_size. Rank 1's inputs are 10x larger, so the replicas'
+    local gradient norms differ strongly."""
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(STEPS):
+        x = torch.randn(8 * world_size, 5, generator=gen, dtype=torch.float64)
+        x[1::world_size] *= 10.0
+        out.append((x, torch.randint(0, 3, (8 * world_size,), generator=gen)))
+    return out
+
+
+def shard(batch: tuple[torch.Tensor, torch.Tensor], rank: int, world_size: int):
+    x, y = batch
+    return x[rank::world_size], y[rank::world_size]
+
+
+def closure_of(net: nn.Module, x: torch.Tensor, y: torch.Tensor, poison: bool = False) -> Callable[[], torch.Tensor]:
+    def closure() -> torch.Tensor:
+        loss = nn.functional.cross_entropy(net(x), y) * (math.nan if poison else 1.0)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def flat_state(net: nn.Module) -> torch.Tensor:
+    """The parameters, flat. (BatchNorm's running statistics are DDP's: rank 0's are broadcast at each forward.)"""
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+# ----------------------------------------------------------------------------- scenarios (run on every rank)
+
+
+def scenario_presets(rank: int, world_size: int) -> dict[str, Any]:
+    """Every preset with step(closure): final weights and buffers, AE-SAM's decisions and s_t."""
+    out = {}
+    for name, build in PRESETS.items():
+        ddp = DistributedDataParallel(model())
+        opt = build(ddp.parameters(), model=ddp)
+        decisions = []
+        for batch in batches(world_size):
+            before = opt.sam_steps
+            opt.step(closure_of(ddp, *shard(batch, rank, world_size)))
+            decisions.append((opt.sam_steps - before, opt.statistics().get("s", math.nan)))
+        g_v = [v.clone() for v in opt.reuse.g_v.values()] if opt.reuse is not None else []
+        out[name] = {"state": flat_state(ddp.module), "decisions": decisions, "g_v": g_v}
+    return out
+
+
+def scenario_two_step(rank: int, world_size: int) -> dict[str, Any]:
+    """The documented two-step loop under DDP (first pass under no_sync) for SAM and AE-SAM."""
+    out = {}
+    for name in ("sam", "aesam", "looksam"):
+        ddp = DistributedDataParallel(model())
+        opt = PRESETS[name](ddp.parameters(), model=ddp)
+        for batch in batches(world_size):
+            x, y = shard(batch, rank, world_size)
+            with ddp.no_sync():
+                nn.functional.cross_entropy(ddp(x), y).backward()
+            if opt.wants_sam_step():
+                opt.first_step(zero_grad=True)
+                nn.functional.cross_entropy(ddp(x), y).backward()
+                opt.second_step(zero_grad=True)
+            else:
+                opt.erm_step(zero_grad=True)
+        out[name] = flat_state(ddp.module)
+    return out
+
+
+def scenario_non_finite(rank: int, world_size: int) -> dict[str, Any]:
+    """A NaN in rank 1's first pass skips the step on every rank (no hang), and training goes on."""
+    ddp = DistributedDataParallel(model())
+    opt = PRESETS["aesam"](ddp.parameters(), model=ddp)
+    data = batches(world_size)
+    opt.step(closure_of(ddp, *shard(data[0], rank, world_size)))
+    before = flat_state(ddp.module)
+    opt.step(closure_of(ddp, *shard(data[1], rank, world_size), poison=rank == 1))
+    skipped = torch.equal(before, flat_state(ddp.module)) and opt.steps == 1
+    opt.step(closure_of(ddp, *shard(data[1], rank, world_size)))
+    return {"skipped": skipped, "steps": opt.steps, "state": flat_state(ddp.module)}
+
+
+def scenario_allreduce_counts(rank: int, world_size: int) -> dict[str, int]:
+    """Gradient all-reduces per step, counted by a DDP communication hook."""
+    counts = {}
+    for name, make in {
+        "sgd": lambda ps, ddp: torch.optim.SGD(ps, **BASE),
+        "sam": lambda ps, ddp: SAM(ps, torch.optim.SGD, model=ddp, **BASE),
+        "sam_global": lambda ps, ddp: SAM(ps, torch.optim.SGD, model=ddp, epsilon_from="global", **BASE),
+        "aesam_erm": lambda ps, ddp: AESAM(ps, torch.optim.SGD, model=ddp, lambda2=50.0, total_steps=100, **BASE),
+        "periodicsam_erm": lambda ps, ddp: PeriodicSAM(ps, torch.optim.SGD, model=ddp, k=2, **BASE),
+    }.items():
+        ddp = DistributedDataParallel(model())
+        calls = [0]
+
+        def hook(state, bucket, calls=calls):
+            calls[0] += 1
+            return default_hooks.allreduce_hook(state, bucket)
+
+        ddp.register_comm_hook(None, hook)
+        opt = make(ddp.parameters(), ddp)
+        data = batches(world_size)
+        opt.step(closure_of(ddp, *shard(data[0], rank, world_size)))  # step 0 (a SAM step for every preset)
+        calls[0] = 0
+        opt.step(closure_of(ddp, *shard(data[1], rank, world_size)))  # step 1: SAM, or ERM for the *_erm names
+        counts[name] = calls[0]
+    return counts
+
+
+class _LocalPolicy(Policy):
+    """A user policy that does not declare itself replica-consistent."""
+
+    def _decide(self, sq_grad_norm: float) -> bool:
+        return True
+
+
+def scenario_construction_errors(rank: int, world_size: int) -> dict[str, str]:
+    """A policy that could desynchronise the replicas is an error at construction."""
+    ddp = DistributedDataParallel(model())
+    try:
+        SAM(ddp.parameters(), torch.optim.SGD, model=ddp, policy=_LocalPolicy(), lr=0.1)
+    except ValueError as error:
+        return {"custom_policy": str(error)}
+    return {"custom_policy": ""}
+
+
+SCENARIOS = {
+    "construction_errors": scenario_construction_errors,
+    "presets": scenario_presets,
+    "two_step": scenario_two_step,
+    "non_finite": scenario_non_finite,
+    "allreduce_counts": scenario_allreduce_counts,
+}
+
+
+# ----------------------------------------------------------------------------- process management
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        results = {name: run(rank, world_size) for name, run in SCENARIOS.items()}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@functools.cache
+def spawn(world_size: int = 2, timeout: float = 240.0) -> list[dict[str, Any]]:
+    """Run every scenario on ``world_size`` ranks; each rank's results. Raises if a rank fails or time runs out."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        context = mp.start_processes(
+            _worker, args=(world_size, _free_port(), out_dir), nprocs=world_size, join=False, start_method="spawn"
+        )
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+            if time.monotonic() >= deadline:
+                for process in context.processes:
+                    process.kill()
+                raise TimeoutError(f"the {world_size}-process DDP run did not finish within {timeout:.0f} s")
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
