@@ -1,24 +1,16 @@
 """Runs of the SAM family under DistributedDataParallel, in processes that the tests spawn (gloo, CPU).
 
-:func:`spawn` starts ``world_size`` processes running :func:`_worker` with a hard deadline (a failure cannot hang
-the suite) and returns what each rank recorded. The scenarios are plain functions of ``(rank, world_size)``.
+The scenarios are plain functions of ``(rank, world_size)``; :func:`spawn` runs them all (see ``spawned.py``).
 """
 
 from __future__ import annotations
 
-import datetime
-import functools
 import math
-import os
-import socket
-import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawned import run_spawned
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
@@ -180,42 +172,6 @@ SCENARIOS = {
 }
 
 
-# ----------------------------------------------------------------------------- process management
-
-
-def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        results = {name: run(rank, world_size) for name, run in SCENARIOS.items()}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@functools.cache
-def spawn(world_size: int = 2, timeout: float = 240.0) -> list[dict[str, Any]]:
-    """Run every scenario on ``world_size`` ranks; each rank's results. Raises if a rank fails or time runs out."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.start_processes(
-            _worker, args=(world_size, _free_port(), out_dir), nprocs=world_size, join=False, start_method="spawn"
-        )
-        deadline = time.monotonic() + timeout
-        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-            if time.monotonic() >= deadline:
-                for process in context.processes:
-                    process.kill()
-                raise TimeoutError(f"the {world_size}-process DDP run did not finish within {timeout:.0f} s")
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+def spawn(world_size: int = 2) -> list[dict[str, Any]]:
+    """Every scenario of this module on ``world_size`` ranks; each rank's results."""
+    return run_spawned(SCENARIOS, world_size)

@@ -10,15 +10,17 @@ import torch
 from torch import Tensor
 
 from sharpness.optim.groups import fill_group
+from sharpness.optim.sharding import ShardReduce, is_sharded
 
 
 @dataclass
 class Bucket:
     """Parameters of one group that have a gradient and share a device, a dtype and whether ASAM rescales them.
 
-    ``params`` and ``grads`` are the tensors the arithmetic runs on: the parameters themselves, or for complex
+    ``params`` and ``grads`` are the tensors the arithmetic runs on: the parameters themselves, for complex
     parameters their real views (``torch.view_as_real``: a complex number is two real coordinates, as torch's
-    optimizers treat it). ``owners`` are the parameters themselves (keys of per-parameter state).
+    optimizers treat it), for sharded (FSDP2 ``DTensor``) parameters this rank's local shards. ``owners`` are the
+    parameters themselves (keys of per-parameter state).
     """
 
     key: tuple[Any, ...]  # (group index, device, dtype, scaled)
@@ -33,22 +35,20 @@ class Bucket:
 def collect_buckets(param_groups: list[dict[str, Any]], defaults: Mapping[str, Any]) -> list[Bucket]:
     """Bucket every parameter that has a (non-empty) gradient; groups lacking SAM keys get ``defaults``.
 
-    Zero-size parameters are left out: they have no direction to perturb and nothing to measure (the base
-    optimizer still steps them).
+    Zero-size parameters (and empty local shards) are left out: they have no direction to perturb and nothing
+    to measure (the base optimizer still steps them).
     """
     buckets: dict[tuple[Any, ...], Bucket] = {}
     for index, group in enumerate(param_groups):
         fill_group(group, defaults)
         scale_all = group["sam_adaptive"] and group["sam_adaptive_scope"] == "all"
         for param in group["params"]:
-            grad = param.grad
-            if grad is None or param.numel() == 0:
+            if param.grad is None:
                 continue
-            _check_dense(param, grad)
+            tensor, grad = _arithmetic_views(param)
+            if tensor.numel() == 0:
+                continue
             scaled = scale_all or (group["sam_adaptive"] and param.ndim >= 2)
-            tensor, grad = (
-                (torch.view_as_real(param), torch.view_as_real(grad)) if param.is_complex() else (param, grad)
-            )
             key = (index, tensor.device, tensor.dtype, scaled)
             bucket = buckets.get(key)
             if bucket is None:
@@ -60,12 +60,19 @@ def collect_buckets(param_groups: list[dict[str, Any]], defaults: Mapping[str, A
     return list(buckets.values())
 
 
-def _check_dense(param: Tensor, grad: Tensor) -> None:
+def _arithmetic_views(param: Tensor) -> tuple[Tensor, Tensor]:
+    """The tensors SAM computes on for ``param`` and its gradient: local shards, real views of complex ones."""
+    tensor, grad = param, param.grad
     if grad.is_sparse:
         raise ValueError(
             f"SAM does not support sparse gradients (parameter of shape {tuple(param.shape)}); "
             "use dense gradients, e.g. nn.Embedding(..., sparse=False)"
         )
+    if is_sharded(tensor):
+        tensor, grad = tensor.to_local(), grad.to_local()
+    if tensor.is_complex():
+        tensor, grad = torch.view_as_real(tensor), torch.view_as_real(grad)
+    return tensor, grad
 
 
 def _check_one_device(buckets: dict[tuple[Any, ...], Bucket]) -> None:
@@ -76,6 +83,20 @@ def _check_one_device(buckets: dict[tuple[Any, ...], Bucket]) -> None:
             "perturbation needs one global gradient norm. Put all parameters on one device, or use one "
             "SAM optimizer per device"
         )
+
+
+def shard_reduce(param_groups: list[dict[str, Any]]) -> ShardReduce | None:
+    """The reduction over ranks when the parameters are sharded (FSDP2), ``None`` when none is; mixing is an error."""
+    params = [param for group in param_groups for param in group["params"]]
+    sharded = [param for param in params if is_sharded(param)]
+    if not sharded:
+        return None
+    if len(sharded) != len(params):
+        raise ValueError(
+            "SAM: some parameters are sharded (DTensor, fully_shard) and some are not; shard the whole model "
+            "(fully_shard on the root module too) so that one global gradient norm can be formed"
+        )
+    return ShardReduce.of(sharded[0])
 
 
 def all_gradients(buckets: list[Bucket]) -> list[list[Tensor]]:

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from sharpness.optim.sharding import ShardReduce
+
 Buckets = Sequence[list[Tensor]]
 
 
@@ -107,17 +109,26 @@ def combine_norms(norms: Tensor, ord: float) -> float:
     return peak * float(torch.linalg.vector_norm(norms / peak, ord))
 
 
-def global_norm(buckets: Buckets, ord: float) -> float:
-    """``||concat(buckets)||_ord`` as a Python float (float32-or-wider per tensor, float64 across; one host sync)."""
-    return combine_norms(tensor_norms(buckets, ord), ord)
+def global_norm(buckets: Buckets, ord: float, reduce: ShardReduce | None = None) -> float:
+    """``||concat(buckets)||_ord`` as a Python float (float32-or-wider per tensor, float64 across; one host sync).
+
+    With ``reduce`` the buckets are this rank's shards and the norm is taken over every rank's (one all-reduce).
+    """
+    local = combine_norms(tensor_norms(buckets, ord), ord)
+    return local if reduce is None else reduce.norm(local, ord)
 
 
-def all_finite(tensors: Sequence[Tensor]) -> bool:
+def all_finite(tensors: Sequence[Tensor], reduce: ShardReduce | None = None) -> bool:
     """Whether every entry of every tensor (on one device) is finite: one fused pass and one host sync.
 
     Uses the kernel ``GradScaler`` checks gradients with, multiplying by exactly 1 (so nothing changes); where the
     kernel does not take the tensors (complex ones, or dtypes a device's kernel does not mix) it checks each tensor.
     """
+    local = _all_finite_here(tensors)
+    return local if reduce is None else reduce.all_true(local)
+
+
+def _all_finite_here(tensors: Sequence[Tensor]) -> bool:
     if not tensors:
         return True
     found, one = torch.zeros(1, device=tensors[0].device), torch.ones(1, device=tensors[0].device)
@@ -128,44 +139,47 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     return not bool(found.item())
 
 
-def dual_norm(buckets: Buckets, p: float) -> float:
+def dual_norm(buckets: Buckets, p: float, reduce: ShardReduce | None = None) -> float:
     """``||h||_q``: the first-order gain ``max_{||ε||_p ≤ 1} <h, ε>``; inf or nan when ``h`` is not finite.
 
     For a general ``p`` the q-norm is evaluated on ``h / ||h||_∞`` so that ``|h|^q`` neither overflows nor
     underflows when ``q`` is large (``p`` close to 1).
     """
     if p == 2:
-        return global_norm(buckets, 2.0)
+        return global_norm(buckets, 2.0, reduce)
     q = dual_exponent(p)
     if q in (1.0, math.inf):
-        return global_norm(buckets, q)
-    h_max = global_norm(buckets, math.inf)
+        return global_norm(buckets, q, reduce)
+    h_max = global_norm(buckets, math.inf, reduce)
     if not math.isfinite(h_max) or h_max == 0.0:
         return h_max
-    return h_max * global_norm([torch._foreach_div(tensors, h_max) for tensors in buckets], q)
+    return h_max * global_norm([torch._foreach_div(tensors, h_max) for tensors in buckets], q, reduce)
 
 
-def unit_ascent(buckets: Buckets, p: float, h_dual_norm: float) -> tuple[list[list[Tensor]], float]:
+def unit_ascent(
+    buckets: Buckets, p: float, h_dual_norm: float, reduce: ShardReduce | None = None
+) -> tuple[list[list[Tensor]], float]:
     """The maximiser of ``<h, d>`` over ``||d||_p ≤ 1`` as ``coefficient * directions``.
 
     Returns ``(directions, coefficient)`` with the same bucket structure as ``buckets``; the perturbation is
     ``ε = ρ · coefficient · directions``. Splitting off the scalar lets the caller fuse it into one
     ``_foreach_add_(params, directions, alpha=ρ·coefficient)``; for ``p = 2`` the directions are ``h`` itself
-    (no copy) unless ``||h||`` is tiny. ``h_dual_norm`` must be ``dual_norm(buckets, p)``, finite and positive.
+    (no copy) unless ``1/||h||`` is not a safe scalar (or the buckets are shards: the choice must not depend on
+    what one rank holds). ``h_dual_norm`` must be ``dual_norm(buckets, p, reduce)``, finite and positive.
     """
     if not (math.isfinite(h_dual_norm) and h_dual_norm > 0.0):
         raise ValueError(f"unit_ascent needs a finite, positive dual norm, got {h_dual_norm}")
     if p == 2:
-        if _is_safe_scalar(1.0 / h_dual_norm, buckets):
+        if reduce is None and _is_safe_scalar(1.0 / h_dual_norm, buckets):
             return [list(tensors) for tensors in buckets], 1.0 / h_dual_norm
-        h_max = global_norm(buckets, math.inf)  # ||h/h_max|| is in [1, √n]: 1/it is a safe scalar
+        h_max = global_norm(buckets, math.inf, reduce)  # ||h/h_max|| is in [1, √n]: 1/it is a safe scalar
         return [list(torch._foreach_div(tensors, h_max)) for tensors in buckets], h_max / h_dual_norm
     if math.isinf(p):
         return [list(torch._foreach_sign(tensors)) for tensors in buckets], 1.0
     if p == 1:
-        return _unit_ascent_l1(buckets, h_dual_norm)
+        return _unit_ascent_l1(buckets, h_dual_norm, reduce)
     q = dual_exponent(p)
-    h_max = global_norm(buckets, math.inf)
+    h_max = global_norm(buckets, math.inf, reduce)
     u_q_norm = h_dual_norm / h_max
     directions = []
     for tensors in buckets:
@@ -191,7 +205,7 @@ def _is_safe_scalar(value: float, buckets: Buckets) -> bool:
     return True
 
 
-def _unit_ascent_l1(buckets: Buckets, h_max: float) -> tuple[list[list[Tensor]], float]:
+def _unit_ascent_l1(buckets: Buckets, h_max: float, reduce: ShardReduce | None) -> tuple[list[list[Tensor]], float]:
     """``p = 1``: all mass on the largest ``|h_j|``, shared equally between ties (mask = 1 + sign(|h| - max|h|))."""
     directions, ties = [], 0.0
     for tensors in buckets:
@@ -201,4 +215,4 @@ def _unit_ascent_l1(buckets: Buckets, h_max: float) -> tuple[list[list[Tensor]],
         ties += float(torch.stack(torch._foreach_norm(mask, 1, dtype=torch.float64)).sum())
         torch._foreach_mul_(mask, torch._foreach_sign(tensors))
         directions.append(list(mask))
-    return directions, 1.0 / ties
+    return directions, 1.0 / (ties if reduce is None else reduce.sum(ties))

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from sharpness.checks import check_bool, check_real
 from sharpness.optim.perturbation import Buckets, accumulation_dtype, global_norm, tensor_norms
+from sharpness.optim.sharding import ShardReduce
 
 
 class LookSAMReuse:
@@ -52,14 +53,16 @@ class LookSAMReuse:
         self._first = {}
 
     @torch.no_grad()
-    def update(self, params: Buckets, sam_grads: Buckets) -> None:
+    def update(self, params: Buckets, sam_grads: Buckets, reduce: ShardReduce | None = None) -> None:
         """After a SAM step's second pass: ``g_v = g_s - (<g_s, g>/||g||²) g`` from the saved ``g``.
 
-        Call only with finite gradients; a ``g_v`` that still comes out non-finite is not stored.
+        Call only with finite gradients; a ``g_v`` that still comes out non-finite is not stored. With ``reduce``
+        the buckets are this rank's shards of sharded parameters, and inner products and norms span the ranks.
         """
         keys, g_s, g = _matched(params, sam_grads, self._first)
         self._first = {}
-        if not keys:
+        _check_sharding(self.per_tensor, reduce)
+        if not keys and reduce is None:
             return
         dtypes = [bucket[0].dtype for bucket in g_s]  # stored in the gradients' dtype
         g_s, g = _upcast(g_s), _upcast(g)
@@ -67,9 +70,9 @@ class LookSAMReuse:
             pairs = zip(g_s, g, strict=True)
             g_v = [torch._foreach_sub(s, torch._foreach_mul(f, _tensor_coefficients(s, f))) for s, f in pairs]
         else:
-            coefficient = _projection_coefficient(g_s, g)
+            coefficient = _projection_coefficient(g_s, g, reduce)
             g_v = [torch._foreach_add(s, f, alpha=-coefficient) for s, f in zip(g_s, g, strict=True)]
-        if not math.isfinite(global_norm(g_v, 2.0)):
+        if not math.isfinite(global_norm(g_v, 2.0, reduce)):
             return
         self.g_v = {
             key: v.to(dtype)
@@ -78,22 +81,24 @@ class LookSAMReuse:
         }
 
     @torch.no_grad()
-    def apply(self, params: Buckets, grads: Buckets) -> None:
+    def apply(self, params: Buckets, grads: Buckets, reduce: ShardReduce | None = None) -> None:
         """On an ERM step, in place: ``g += α (||g|| / ||g_v||) g_v`` (a no-op before the first SAM step)."""
-        if not self.g_v or self.alpha == 0.0:
+        _check_sharding(self.per_tensor, reduce)
+        stored = bool(self.g_v) if reduce is None else not reduce.all_true(not self.g_v)  # any rank holds g_v
+        if not stored or self.alpha == 0.0:
             return
         _, g, g_v = _matched(params, grads, self.g_v)
-        if not g:
+        if not g and reduce is None:
             return
         if self.per_tensor:
             for g_list, v_list in zip(g, g_v, strict=True):
                 ratios = _safe_ratios(tensor_norms([g_list], 2.0), tensor_norms([v_list], 2.0))
                 torch._foreach_add_(g_list, torch._foreach_mul(v_list, [self.alpha * r for r in ratios]))
             return
-        v_norm = global_norm(g_v, 2.0)
+        v_norm = global_norm(g_v, 2.0, reduce)
         if not (math.isfinite(v_norm) and v_norm > 0.0):
             return
-        scale = self.alpha * global_norm(g, 2.0) / v_norm
+        scale = self.alpha * global_norm(g, 2.0, reduce) / v_norm
         for g_list, v_list in zip(g, g_v, strict=True):
             torch._foreach_add_(g_list, v_list, alpha=scale)
 
@@ -143,17 +148,22 @@ def _upcast(buckets: Buckets) -> list[list[Tensor]]:
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _projection_coefficient(a: Buckets, b: Buckets) -> float:
+def _projection_coefficient(a: Buckets, b: Buckets, reduce: ShardReduce | None = None) -> float:
     """``<a, b> / ||b||²`` over all buckets as ``(||a||/||b||) cos θ`` (0 when either vector is 0)."""
-    a_norm, b_norm = global_norm(a, 2.0), global_norm(b, 2.0)
+    a_norm, b_norm = global_norm(a, 2.0, reduce), global_norm(b, 2.0, reduce)
     if a_norm == 0.0 or b_norm == 0.0:
         return 0.0
     a_unit = [torch._foreach_div(ts, a_norm) for ts in a]
     b_unit = [torch._foreach_div(ts, b_norm) for ts in b]
     plus = [torch._foreach_add(x, y) for x, y in zip(a_unit, b_unit, strict=True)]
     minus = [torch._foreach_sub(x, y) for x, y in zip(a_unit, b_unit, strict=True)]
-    cosine = (global_norm(plus, 2.0) ** 2 - global_norm(minus, 2.0) ** 2) / 4.0
+    cosine = (global_norm(plus, 2.0, reduce) ** 2 - global_norm(minus, 2.0, reduce) ** 2) / 4.0
     return (a_norm / b_norm) * cosine
+
+
+def _check_sharding(per_tensor: bool, reduce: ShardReduce | None) -> None:
+    if per_tensor and reduce is not None:
+        raise ValueError("LookSAMReuse(per_tensor=True) is not supported with sharded (FSDP2) parameters")
 
 
 def _tensor_coefficients(a: list[Tensor], b: list[Tensor]) -> list[float]:

@@ -27,6 +27,7 @@ from sharpness.optim.buckets import (
     collect_buckets,
     first_nonempty_gradient,
     held_gradients,
+    shard_reduce,
 )
 from sharpness.optim.checkpoint import load_sam_state, sam_state_dict, split_state_dict
 from sharpness.optim.distributed import EpsilonFrom, ReplicaSync, replica_sync
@@ -163,6 +164,11 @@ class SAM(Optimizer):
         self.policy = policy if policy is not None else Always()
         self.reuse = reuse
         self._sync = self._replica_sync(model, epsilon_from)
+        self._shard = shard_reduce(self.param_groups)  # FSDP2: reductions over the ranks holding the shards
+        if self._shard is not None and self._sync is not None:
+            raise ValueError(
+                "SAM: a DistributedDataParallel model with sharded (fully_shard) parameters is not supported"
+            )
         # whether the current first gradient is this replica's own (not all-reduced): the two-step API's contract
         self._first_pass_local = self._sync is not None and self._sync.local_first_pass
         self._bn_guard = BatchNormStatsGuard(model) if model is not None else None
@@ -233,6 +239,7 @@ class SAM(Optimizer):
         reject_bare_options(param_group, self.base_optimizer.defaults, type(self.base_optimizer).__name__)
         self.base_optimizer.add_param_group(param_group)
         self._buckets()  # fills and validates the new group's SAM keys
+        self._shard = shard_reduce(self.param_groups)
 
     @property
     def is_perturbed(self) -> bool:
@@ -246,7 +253,7 @@ class SAM(Optimizer):
 
     def _require_buckets(self, caller: str) -> list[Bucket]:
         buckets = self._buckets()
-        if not buckets:
+        if not buckets and (self._shard is None or not held_gradients(self.param_groups)):
             raise RuntimeError(
                 f"SAM.{caller}(): no parameter has a gradient. Call loss.backward() first; "
                 "check that the loss depends on the optimised parameters"
@@ -260,7 +267,7 @@ class SAM(Optimizer):
         replicas' norms (inf/NaN on any replica make it inf/NaN on all, so they all skip the step).
         """
         if self._grad_norm is None:
-            norm = global_norm(all_gradients(buckets), 2.0) / loss_scale
+            norm = global_norm(all_gradients(buckets), 2.0, self._shard) / loss_scale
             if self._replica_local():
                 norm = math.sqrt(self._sync.mean(norm * norm, like=buckets[0].grads[0]))
             self._grad_norm = norm
@@ -279,7 +286,7 @@ class SAM(Optimizer):
         """Whether the current step's first gradient is finite on every replica (its norm says so, when known)."""
         if self._grad_norm is not None or self._replica_local():
             return math.isfinite(self._first_grad_norm(buckets, 1.0))
-        return all_finite([grad for bucket in buckets for grad in bucket.grads])
+        return all_finite([grad for bucket in buckets for grad in bucket.grads], self._shard)
 
     def _begin_step(self) -> None:
         """A new step starts: a previous one that was never finished (e.g. a GradScaler skipped it) is dropped."""
@@ -386,7 +393,7 @@ class SAM(Optimizer):
         if self.reuse is not None:
             self.reuse.save_first_gradient([b.owners for b in buckets], all_gradients(buckets))
         if norm > 0.0:
-            directions, coefficient = unit_ascent(hs, p, norm)
+            directions, coefficient = unit_ascent(hs, p, norm, self._shard)
             snapshots = [self._snapshot_for(bucket) for bucket in buckets]
             try:
                 for bucket, direction in zip(buckets, directions, strict=True):
@@ -408,14 +415,14 @@ class SAM(Optimizer):
         (a huge ``T_w g``) ``h`` is rebuilt from ``g / max|g|`` (``d = max|g|``).
         """
         hs = [_ascent_input(bucket, loss_scale, 1.0) for bucket in buckets]
-        norm = dual_norm(hs, p)
+        norm = dual_norm(hs, p, self._shard)
         if math.isfinite(norm):
             return hs, norm, 1.0
-        divisor = global_norm(all_gradients(buckets), math.inf)
+        divisor = global_norm(all_gradients(buckets), math.inf, self._shard)
         if not math.isfinite(divisor) or divisor == 0.0:
             return hs, norm, 1.0  # the gradient itself is not finite
         hs = [_ascent_input(bucket, loss_scale, divisor) for bucket in buckets]
-        return hs, dual_norm(hs, p), divisor
+        return hs, dual_norm(hs, p, self._shard), divisor
 
     def _snapshot_for(self, bucket: Bucket) -> TensorSnapshot:
         snapshot = self._snapshots.get(bucket.key)
@@ -518,21 +525,27 @@ class SAM(Optimizer):
             self._skip(None)
 
     def _finish_sam_step(self, check_finite: bool) -> None:
-        if check_finite and not all_finite(held_gradients(self.param_groups)):
+        if check_finite and not self._second_gradient_finite():
             self._skip(None)
             return
         if self.reuse is not None:
             buckets = self._buckets()
-            self.reuse.update([b.owners for b in buckets], all_gradients(buckets))
+            self.reuse.update([b.owners for b in buckets], all_gradients(buckets), self._shard)
             if self._replica_local():  # g_v came from this replica's g: the replicas' mean keeps them equal
                 self._sync.average(list(self.reuse.g_v.values()))
         self.base_optimizer.step()
         self._count_step(sam=True)
 
+    def _second_gradient_finite(self) -> bool:
+        """Whether the gradient at ``w + ε`` is finite (on every rank's shard, for sharded parameters)."""
+        if self._shard is None:
+            return all_finite(held_gradients(self.param_groups))
+        return all_finite([grad for bucket in self._buckets() for grad in bucket.grads], self._shard)
+
     def _finish_erm_step(self, buckets: list[Bucket] | None = None) -> None:
         if self.reuse is not None:
             buckets = buckets if buckets is not None else self._buckets()
-            self.reuse.apply([b.owners for b in buckets], all_gradients(buckets))
+            self.reuse.apply([b.owners for b in buckets], all_gradients(buckets), self._shard)
         self.base_optimizer.step()
         self._count_step(sam=False)
 
@@ -641,6 +654,8 @@ class SAM(Optimizer):
 
     def _all_gradients_zero(self) -> bool:
         buckets = self._buckets()
+        if self._shard is not None:
+            return global_norm(all_gradients(buckets), math.inf, self._shard) == 0.0
         return bool(buckets) and global_norm(all_gradients(buckets), math.inf) == 0.0
 
     def _evaluate(self, closure: Closure, which: str) -> Any:
