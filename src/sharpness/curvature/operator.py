@@ -19,9 +19,10 @@ parameters and their ``.grad`` are never written, modes and buffers are restored
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from sharpness.curvature.state import Mode, measurement_mode
@@ -70,6 +71,12 @@ class HessianOperator:
             weights at its first product: later changes of the weights are NOT reflected (autograd raises if it
             sees one of the weights it saved changed in place, but not for all of them). Create a new operator
             after the weights change, or pass ``cache_graph=False``.
+        process_group: data-parallel measurement (a ``torch.distributed`` process group, or ``"default"`` for
+            the default group; every rank passes the same model and its own part of the measurement set). A
+            product is then the mean over all ranks' examples, ``H v = Σ_r n_r H_r v / Σ_r n_r`` (one all-reduce
+            per product), identical on every rank, so every estimator (Lanczos, Hutchinson, Hutch++, Frobenius,
+            SLQ) runs unchanged on top as long as it draws the same random vectors everywhere (its default
+            generator, seeded 0, does). Every rank must call the same products.
 
     Vectors are flat: the selected parameters concatenated in ``named_parameters`` order (:meth:`flatten`,
     :meth:`unflatten`). ``num_matvecs`` counts the products taken.
@@ -85,6 +92,7 @@ class HessianOperator:
         backend: Literal["double_backward", "forward_over_reverse"] = "double_backward",
         mode: Mode = "eval",
         cache_graph: bool = True,
+        process_group: Any = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -99,7 +107,9 @@ class HessianOperator:
         self.params = [p for _, p in self.named_params]
         self.dim = sum(p.numel() for p in self.params)
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
-        self._weights = [len(y) / sum(len(y) for _, y in batches) for _, y in batches]
+        self.process_group = dist.group.WORLD if process_group == "default" else process_group
+        total = self._all_reduce(torch.tensor(float(sum(len(y) for _, y in batches)), dtype=torch.float64))
+        self._weights = [len(y) / float(total) for _, y in batches]
         self.num_matvecs = 0
         self.cache_graph = cache_graph
         self._caches = cache_graph and backend == "double_backward"
@@ -127,7 +137,7 @@ class HessianOperator:
             for index, weight in enumerate(self._weights):
                 total.add_(self.flatten(product(self, index, vs)), alpha=weight)
         self.num_matvecs += 1
-        return total
+        return self._all_reduce(total)
 
     __matmul__ = matvec
 
@@ -140,7 +150,15 @@ class HessianOperator:
                 loss, grads = self._loss_and_grads(index, create_graph=self._caches)
                 loss_total += weight * float(loss.detach())
                 grad_total.add_(self.flatten(grads).detach(), alpha=weight)
-        return loss_total, grad_total
+        loss_total = float(self._all_reduce(torch.tensor(loss_total, dtype=torch.float64, device=self.device)))
+        return loss_total, self._all_reduce(grad_total)
+
+    def _all_reduce(self, tensor: Tensor) -> Tensor:
+        """The sum of ``tensor`` over the ranks of :attr:`process_group` (``tensor`` itself without one)."""
+        if self.process_group is not None:
+            tensor = tensor.to(self.device)
+            dist.all_reduce(tensor, group=self.process_group)
+        return tensor
 
     def _loss_and_grads(self, index: int, *, create_graph: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
         """A batch's loss and gradient (from the cached graph when there is one)."""
