@@ -41,8 +41,8 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def train(net: nn.Module, opt: SAM, rank: int, world_size: int) -> None:
-    for x, y in batches():
+def train(net: nn.Module, opt: SAM, rank: int, world_size: int, data: list | None = None) -> None:
+    for x, y in batches() if data is None else data:
         xs, ys = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
 
         def closure(xs=xs, ys=ys) -> torch.Tensor:
@@ -63,11 +63,7 @@ def scenario_presets(rank: int, world_size: int) -> dict[str, Any]:
     mesh = init_device_mesh("cpu", (world_size,))
     out = {}
     for name, build in PRESETS.items():
-        net = model()
-        for layer in net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(net, mesh=mesh)
+        net = sharded_model(mesh)
         opt = build(net.parameters())
         train(net, opt, rank, world_size)
         out[name] = {"params": full_parameters(net), "steps": (opt.steps, opt.sam_steps)}
@@ -85,5 +81,54 @@ def scenario_errors(rank: int, world_size: int) -> dict[str, str]:
     return {"partly_sharded": ""}
 
 
+def sharded_model(mesh: Any) -> nn.Module:
+    net = model()
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    return net
+
+
+def scenario_dcp_resume(rank: int, world_size: int) -> dict[str, Any]:
+    """Train 3 steps, save through torch.distributed.checkpoint, load into a fresh sharded model and optimizer,
+    and train both 2 more steps: the resumed run must equal the live one bitwise."""
+    import tempfile
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    directory = [tempfile.mkdtemp(prefix="sharpness-dcp-") if rank == 0 else None]
+    dist.broadcast_object_list(directory, src=0)
+    out = {}
+    for name in ("sam", "aesam", "looksam"):
+        live_net = sharded_model(mesh)
+        live = PRESETS[name](live_net.parameters())
+        first, rest = batches()[:3], batches()[3:]
+        train(live_net, live, rank, world_size, first)
+        expected = (live.steps, live.sam_steps, live.policy.state_dict()["step"])
+        model_state, optim_state = get_state_dict(live_net, live)
+        path = f"{directory[0]}/{name}"
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+        resumed_net = sharded_model(mesh)
+        resumed = PRESETS[name](resumed_net.parameters())
+        model_state, optim_state = get_state_dict(resumed_net, resumed)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(resumed_net, resumed, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        restored = (resumed.steps, resumed.sam_steps, resumed.policy.state_dict()["step"])
+        train(live_net, live, rank, world_size, rest)
+        train(resumed_net, resumed, rank, world_size, rest)
+        out[name] = {
+            "restored": restored,
+            "expected": expected,
+            "equal": torch.equal(full_parameters(live_net), full_parameters(resumed_net)),
+        }
+    return out
+
+
 def spawn(world_size: int = 2) -> list[dict[str, Any]]:
-    return run_spawned({"presets": scenario_presets, "errors": scenario_errors}, world_size)
+    scenarios = {"presets": scenario_presets, "errors": scenario_errors, "dcp_resume": scenario_dcp_resume}
+    return run_spawned(scenarios, world_size)

@@ -26,3 +26,11 @@ def test_sharded_sam_equals_single_process_sam(ranks, preset: str) -> None:
 
 def test_a_partly_sharded_model_is_a_clear_error(ranks) -> None:
     assert all("shard the whole model" in rank["errors"]["partly_sharded"] for rank in ranks)
+
+
+@pytest.mark.parametrize("preset", ["sam", "aesam", "looksam"])
+def test_resuming_from_torch_distributed_checkpoint_continues_bit_identically(ranks, preset: str) -> None:
+    for rank in ranks:
+        result = rank["dcp_resume"][preset]
+        assert result["restored"] == result["expected"] and result["expected"][0] == 3
+        assert result["equal"]

@@ -198,7 +198,7 @@ def test_a_plain_optimizer_state_dict_loads_the_base_state_with_a_warning() -> N
     _backward(model)
     plain.step()
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
-    with pytest.warns(UserWarning, match="no 'sam' entry"):
+    with pytest.warns(UserWarning, match="no SAM state"):
         opt.load_state_dict(plain.state_dict())
     assert opt.param_groups[0]["lr"] == 0.3 and opt.param_groups[0]["sam_rho"] == 0.2
     assert all("momentum_buffer" in s for s in opt.state.values()) and opt.steps == 0

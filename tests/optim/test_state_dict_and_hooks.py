@@ -92,7 +92,8 @@ def test_state_dict_hooks_run() -> None:
     opt.register_load_state_dict_pre_hook(lambda o, sd: seen.append("load_pre"))
     opt.register_load_state_dict_post_hook(lambda o: seen.append("load_post"))
     state = opt.state_dict()
-    assert {"state", "param_groups", "sam", "extra"} <= set(state) and state["extra"] == "post"
+    assert {"state", "param_groups", "extra"} <= set(state) and state["extra"] == "post"
+    assert state["param_groups"][0]["sam"]["steps"] == 1
     opt.load_state_dict(state)
     assert seen == ["pre", "load_pre", "load_post"]
 
@@ -108,7 +109,7 @@ def test_loading_another_presets_checkpoint_is_an_error_before_anything_changes(
     with pytest.raises(ValueError, match="saved by a Always policy"):
         adaptive.load_state_dict(plain.state_dict())
     after = adaptive.state_dict()
-    assert after["param_groups"][0]["lr"] == 0.5 and after["sam"] == before["sam"]
+    assert after["param_groups"][0]["lr"] == 0.5 and after["param_groups"][0]["sam"] == before["param_groups"][0]["sam"]
     for key in before["state"]:
         assert torch.equal(after["state"][key]["momentum_buffer"], before["state"][key]["momentum_buffer"])
     looksam = LookSAM(_mlp().parameters(), torch.optim.SGD, lr=0.1)
@@ -130,8 +131,10 @@ def test_version_0_1_checkpoints_still_load_and_continue_identically() -> None:
     for seed in range(3):
         opt.step(lambda seed=seed: _backward(model, *_batch(seed)))
     current = copy.deepcopy(opt.state_dict())
-    legacy_groups = [{**_without_prefix(g)} for g in current["param_groups"]]
-    legacy_policy = {k: v for k, v in current["sam"]["policy"].items() if k in ("step", "total_steps")}
+    legacy_groups = [{k: v for k, v in _without_prefix(g).items() if k != "sam"} for g in current["param_groups"]]
+    legacy_policy = {
+        k: v for k, v in current["param_groups"][0]["sam"]["policy"].items() if k in ("step", "total_steps")
+    }
     legacy = {
         "base_optimizer": {"state": current["state"], "param_groups": legacy_groups},
         "sam": {"format": 1, "steps": 3, "sam_steps": 2, "policy": legacy_policy, "reuse": None},
@@ -150,25 +153,41 @@ def _without_prefix(group: dict) -> dict:
     return {(k[4:] if k.startswith("sam_") else k): v for k, v in group.items()}
 
 
-def test_torch_distributed_checkpoint_state_dict_functions_accept_sam() -> None:
-    """DCP's get/set_optimizer_state_dict (its state initialisation calls step() with zero gradients)."""
+@pytest.mark.parametrize("preset", ["looksam", "aesam"])
+def test_torch_distributed_checkpoint_keeps_sams_own_state(preset: str) -> None:
+    """DCP's get/set_optimizer_state_dict (which keep only 'state' and 'param_groups') restore SAM's counters, policy
+    and g_v; its state initialisation calls step() with zero gradients, which changes nothing."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+    def build(net: nn.Module) -> SAM:
+        if preset == "looksam":
+            return LookSAM(net.parameters(), torch.optim.Adam, lr=0.1, k=2, alpha=0.5)
+        return AESAM(net.parameters(), torch.optim.Adam, lr=0.1, total_steps=10)
+
     model = _mlp()
-    fresh = SAM(model.parameters(), torch.optim.Adam, lr=0.1)
+    fresh = build(model)
     before = [p.detach().clone() for p in model.parameters()]
     initial = get_optimizer_state_dict(model, fresh)  # initialises Adam's state on a fresh optimizer
     assert set(initial) == {"state", "param_groups"} and fresh.steps == 0
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
-    fresh.step(lambda: _backward(model, *_batch()))
+    for seed in range(3):
+        fresh.step(lambda seed=seed: _backward(model, *_batch(seed)))
     saved = copy.deepcopy(get_optimizer_state_dict(model, fresh))
-    other = SAM(model.parameters(), torch.optim.Adam, lr=0.1)
-    with pytest.warns(UserWarning, match="no 'sam' entry"):
-        set_optimizer_state_dict(model, other, saved)
-    first = next(iter(other.state.values()))
-    expected = next(iter(fresh.state.values()))
-    assert torch.equal(first["exp_avg"], expected["exp_avg"])
-    assert float(first["step"]) == 2.0  # DCP's initialisation step counts in Adam, as for a plain torch Adam
+    twin_model = copy.deepcopy(model)
+    twin = build(twin_model)
+    set_optimizer_state_dict(twin_model, twin, saved)
+    assert (twin.steps, twin.sam_steps) == (fresh.steps, fresh.sam_steps) == (3, twin.sam_steps)
+    assert twin.policy.state_dict() == fresh.policy.state_dict()
+    if preset == "looksam":
+        assert len(twin.reuse.g_v) == 4
+        assert all(
+            torch.equal(twin.reuse.g_v[q], fresh.reuse.g_v[p])
+            for p, q in zip(model.parameters(), twin_model.parameters(), strict=True)
+        )
+    for seed in range(3, 6):  # and both continue identically
+        fresh.step(lambda seed=seed: _backward(model, *_batch(seed)))
+        twin.step(lambda seed=seed: _backward(twin_model, *_batch(seed)))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin_model.parameters(), strict=True))
 
 
 def test_step_without_closure_before_the_passes_is_still_an_error() -> None:

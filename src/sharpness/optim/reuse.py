@@ -32,7 +32,7 @@ from torch import Tensor
 
 from sharpness.checks import check_bool, check_real
 from sharpness.optim.perturbation import Buckets, accumulation_dtype, global_norm, tensor_norms
-from sharpness.optim.sharding import ShardReduce
+from sharpness.optim.sharding import ShardReduce, is_sharded
 
 
 class LookSAMReuse:
@@ -116,7 +116,9 @@ class LookSAMReuse:
         if bad:
             raise ValueError(f"LookSAMReuse: the saved g_v names parameters {bad} this optimizer does not have")
         self.alpha, self.per_tensor = state["alpha"], state["per_tensor"]
-        self.g_v = {param_order[int(i)]: v.to(param_order[int(i)]) for i, v in state["g_v"].items()}
+        self.g_v = {
+            param_order[int(i)]: v.to(device=_local_view(param_order[int(i)]).device) for i, v in state["g_v"].items()
+        }
 
     def __repr__(self) -> str:
         return f"LookSAMReuse(alpha={self.alpha}, per_tensor={self.per_tensor})"
@@ -159,6 +161,10 @@ def _projection_coefficient(a: Buckets, b: Buckets, reduce: ShardReduce | None =
     minus = [torch._foreach_sub(x, y) for x, y in zip(a_unit, b_unit, strict=True)]
     cosine = (global_norm(plus, 2.0, reduce) ** 2 - global_norm(minus, 2.0, reduce) ** 2) / 4.0
     return (a_norm / b_norm) * cosine
+
+
+def _local_view(param: Tensor) -> Tensor:
+    return param.to_local() if is_sharded(param) else param
 
 
 def _check_sharding(per_tensor: bool, reduce: ShardReduce | None) -> None:

@@ -29,7 +29,7 @@ from sharpness.optim.buckets import (
     held_gradients,
     shard_reduce,
 )
-from sharpness.optim.checkpoint import load_sam_state, sam_state_dict, split_state_dict
+from sharpness.optim.checkpoint import load_sam_state, split_state_dict, state_dict_of
 from sharpness.optim.distributed import EpsilonFrom, ReplicaSync, replica_sync
 from sharpness.optim.groups import common_p, defaults_of, reject_bare_options
 from sharpness.optim.m_sharpness import micro_batch_step
@@ -697,8 +697,10 @@ class SAM(Optimizer):
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's layout (``state``, ``param_groups``: the base optimizer's, SAM's ``sam_`` keys in the groups)
-        plus ``"sam"``: step counters, the policy's settings and state, the reuse's settings and ``g_v``.
+        """torch's layout (``state``, ``param_groups``: the base optimizer's, SAM's ``sam_`` keys in the groups),
+        with SAM's own state in it: LookSAM's ``g_v`` as per-parameter state ``"sam_g_v"``, the step counters and
+        the policy's and the reuse's settings and state under the first group's ``"sam"`` key (so that
+        ``torch.distributed.checkpoint`` keeps them; see :mod:`sharpness.optim.checkpoint`).
 
         State-dict pre/post hooks registered on this optimizer run as in torch.
         """
@@ -709,8 +711,7 @@ class SAM(Optimizer):
             )
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        state = self.base_optimizer.state_dict()
-        state["sam"] = sam_state_dict(self)
+        state = state_dict_of(self)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state)
             if result is not None:
@@ -718,7 +719,7 @@ class SAM(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load a :meth:`state_dict` (also the format-1 layout ``{"base_optimizer", "sam"}`` of version 0.1).
+        """Load a :meth:`state_dict` (also the layouts of earlier versions, see :mod:`sharpness.optim.checkpoint`).
 
         The checkpoint is the one source of every setting it holds: the groups' hyper-parameters (``lr``,
         ``sam_rho``, ...), the policy's settings (``k``, ``delta``, ...; a callable ``Bernoulli`` schedule stays
