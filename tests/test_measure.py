@@ -16,7 +16,7 @@ from sharpness.cli import main
 from sharpness.curvature import HessianOperator, top_eigenvalues
 from sharpness.experiments.config import build_config
 from sharpness.experiments.measure import WHAT, measure
-from sharpness.experiments.runner import build_trainer, load_data
+from sharpness.experiments.runner import LAUNCH_RECORD, build_trainer, load_data
 from sharpness.train import load_checkpoint
 
 N = 64  # the measurement set: the first 64 training examples
@@ -34,7 +34,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _trained_model(run_dir: Path) -> tuple[torch.nn.Module, object, torch.Tensor, torch.Tensor]:
     """The run's model with its checkpoint's weights and the first N training examples, rebuilt here."""
     saved = json.loads((run_dir / "config.json").read_text())
-    saved.pop("kind")
+    for key in ("kind", *LAUNCH_RECORD):  # not settings: the kind of folder and how the run was launched
+        saved.pop(key)
     config = build_config(saved, compare=False)
     data = load_data(config)
     trainer = build_trainer(config, data)

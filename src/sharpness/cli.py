@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import datetime
 import inspect
+import os
 import shlex
 import sys
 from collections.abc import Iterator, Sequence
@@ -18,14 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from sharpness.data import DATASETS
-from sharpness.experiments.compare import RUNS_DIR, compare, format_table, plan_runs, run_label
+from sharpness.experiments.compare import RUNS_DIR, check_compare, compare, format_table, plan_runs, run_label
 from sharpness.experiments.config import DEFAULT_MODELS, ConfigError, RunConfig, build_config, read_toml
+from sharpness.experiments.launch import WorkerFailed, launch
 from sharpness.experiments.measure import DEFAULT_WHAT, SPLITS, WHAT, format_measurements, measure
 from sharpness.experiments.report import write_report
-from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, run_training
+from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, LAUNCH_RECORD, check_run, run_training
 from sharpness.optim.registry import OPTIMIZERS
 from sharpness.reproductions import REPRODUCTIONS, format_checks, reproduce
 from sharpness.train import CHECKPOINT_NAME, Callback, NonFiniteLossError, Trainer, load_checkpoint, read_json, to_json
+from sharpness.train.distributed import agree, is_rank_zero, launched_by_torchrun, process_group, timeout
 
 RUNTIME_SETTINGS = ("device", "threads")
 """The settings a resumed run may change: where and how fast it computes, not what."""
@@ -80,6 +83,7 @@ def _run_flags(parser: argparse.ArgumentParser, *, single: bool) -> None:
     add("--out", type=Path, help="run folder (default: runs/<command>-<dataset>-<time>)")
     add("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     add("--quiet", action="store_true", help="no progress bar")
+    add("--nproc-per-node", type=int, help="train in N data-parallel processes (torch.distributed.run; default 1)")
     for action in parser._actions:
         if action.dest not in ("help", "quiet"):
             action.default = argparse.SUPPRESS
@@ -188,7 +192,7 @@ def _epochs_done(run_dir: Path) -> int:
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     values = read_toml(args.config) if "config" in args else {}
-    skip = {"command", "config", "out", "resume", "quiet"}
+    skip = {"command", "config", "out", "resume", "quiet", "nproc_per_node"}
     values.update({key: value for key, value in vars(args).items() if key not in skip})
     return values
 
@@ -209,6 +213,8 @@ def _saved_settings(run_dir: Path, kind: str) -> dict[str, Any]:
         raise ConfigError(f"cannot resume: {run_dir} is not a '{kind}' run folder")
     if kind == "compare":
         saved.update(saved.pop("run"))
+    for key in LAUNCH_RECORD:  # how a train run was launched, not a setting
+        saved.pop(key, None)
     return saved
 
 
@@ -262,7 +268,7 @@ def _shown(value: Any) -> str:
 
 
 @contextlib.contextmanager
-def _resumable(command: str, run_dir: Path) -> Iterator[None]:
+def _resumable(command: str, run_dir: Path, nproc: int = 1) -> Iterator[None]:
     """Turn Ctrl-C into :class:`Interrupted`, whose message is the command that resumes ``run_dir``.
 
     The checkpoints are written atomically, so the run folder keeps the last completed one.
@@ -272,55 +278,127 @@ def _resumable(command: str, run_dir: Path) -> Iterator[None]:
     except KeyboardInterrupt:
         if not (run_dir / CONFIG_NAME).is_file():
             raise Interrupted(f"interrupted before {run_dir} was written; there is nothing to resume") from None
-        raise Interrupted(
-            f"interrupted; resume with: sharpness {command} --resume {shlex.quote(str(run_dir))}"
-        ) from None
+        raise Interrupted(f"interrupted; resume with: {_resume_command(command, run_dir, nproc)}") from None
+
+
+def _resume_command(command: str, run_dir: Path, nproc: int) -> str:
+    processes = f" --nproc-per-node {nproc}" if nproc > 1 else ""
+    return f"sharpness {command} --resume {shlex.quote(str(run_dir))}{processes}"
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    """``train`` or ``compare``: in this process (also as one of ``torchrun``'s), or launched in N processes."""
+    nproc = args.nproc_per_node if "nproc_per_node" in args else 1
+    if nproc < 1:
+        raise ConfigError(f"--nproc-per-node must be an integer >= 1, got {nproc}")
+    if launched_by_torchrun():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", nproc))
+        if "nproc_per_node" in args and nproc != local:
+            raise ConfigError(f"--nproc-per-node {nproc} differs from torchrun's {local} processes on this node")
+    elif nproc > 1:
+        return _launch(args, argv, nproc)
+    return _train(args) if args.command == "train" else _compare(args)
+
+
+def _launch(args: argparse.Namespace, argv: list[str], nproc: int) -> int:
+    """Check everything here, then run the same command in ``nproc`` processes (:mod:`sharpness.experiments.launch`).
+
+    Exit status: 0, the status of a process that stopped on bad input (2, its message printed) or 1 when a process
+    failed (this names it and the command that resumes the run).
+    """
+    kind, resume = args.command, "resume" in args
+    config = build_config(_resolved_settings(args, kind), compare=kind == "compare")
+    run = config if isinstance(config, RunConfig) else config.run
+    if run.device != "cpu" and (run.device != "cuda" or _cuda_count() < nproc):
+        raise ConfigError(
+            f"--device {run.device} with --nproc-per-node {nproc}: pass --device cuda, with at least {nproc} CUDA "
+            f"devices (process i uses cuda:i; torch sees {_cuda_count()})"
+        )
+    timeout()  # a bad SHARPNESS_COLLECTIVE_TIMEOUT is an error here, before any process starts
+    out = args.resume if resume else _out_dir(args, run.dataset)
+    if isinstance(config, RunConfig):
+        check_run(config, out, resume=resume, world_size=nproc)
+    else:
+        check_compare(config, out, resume=resume, world_size=nproc)
+    command = [sys.executable, "-u", "-m", "sharpness.cli", *argv]
+    if not resume and "out" not in args:
+        command += ["--out", str(out)]
+    try:
+        launch(command, nproc)
+    except KeyboardInterrupt:
+        return 130  # the processes got the signal too: rank 0 printed the command that resumes
+    except WorkerFailed as exc:
+        if exc.exitcode in (2, 130):
+            return exc.exitcode  # bad input or Ctrl-C: the process printed its one-line message
+        kept = "its last completed epoch is kept" if kind == "train" else "finished runs and checkpoints are kept"
+        print(
+            f"sharpness: the job stopped: {exc} and the others were stopped; {out}: {kept}; resume with: "
+            f"{_resume_command(kind, out, nproc)}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _cuda_count() -> int:
+    """CUDA devices torch sees here (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _train(args: argparse.Namespace) -> int:
     resume = "resume" in args
     config = build_config(_resolved_settings(args, "train"), compare=False)
     assert isinstance(config, RunConfig)
-    run_dir = args.resume if resume else _out_dir(args, config.dataset)
-    done = _epochs_done(run_dir) if resume else 0
-    if resume and done == 0:
-        print(f"{run_dir} has no checkpoint (the run stopped before its first one): training it from the start")
-    bar = _progress_bar(config.epochs, done, args.quiet)
-    callbacks = [EpochProgress(bar, config.optimizer)] if bar is not None else []
-    try:
-        with _resumable("train", run_dir):
-            final = run_training(config, run_dir, resume=resume, callbacks=callbacks)
-            write_report(run_dir)
-    finally:
-        if bar is not None:
-            bar.close()
-    shown = {k: v for k, v in final.items() if isinstance(v, int | float)}
-    print(to_json(shown, indent=2))
-    print(f"run folder: {run_dir}  (report: {run_dir / 'report.html'})")
+    with process_group(config.device, config.threads):
+        rank_zero = is_rank_zero()
+        run_dir = args.resume if resume else agree(_out_dir(args, config.dataset))
+        done = _epochs_done(run_dir) if resume and rank_zero else 0
+        if resume and done == 0 and rank_zero:
+            print(f"{run_dir} has no checkpoint (the run stopped before its first one): training it from the start")
+        bar = _progress_bar(config.epochs, done, args.quiet or not rank_zero)
+        callbacks = [EpochProgress(bar, config.optimizer)] if bar is not None else []
+        try:
+            with _resumable("train", run_dir, _processes()):
+                final = run_training(config, run_dir, resume=resume, callbacks=callbacks)
+                if rank_zero:
+                    write_report(run_dir)
+        finally:
+            if bar is not None:
+                bar.close()
+    if rank_zero:
+        shown = {k: v for k, v in final.items() if isinstance(v, int | float)}
+        print(to_json(shown, indent=2))
+        print(f"run folder: {run_dir}  (report: {run_dir / 'report.html'})")
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
     resume = "resume" in args
     config = build_config(_resolved_settings(args, "compare"), compare=True)
-    out_dir = args.resume if resume else _out_dir(args, config.run.dataset)
-    runs = list(plan_runs(config))
-    done = sum(_epochs_done(out_dir / RUNS_DIR / run_label(run)) for run in runs) if resume else 0
-    bar = _progress_bar(sum(run.epochs for run in runs), done, args.quiet)
-    try:
-        with _resumable("compare", out_dir):
-            summary = compare(
-                config,
-                out_dir,
-                resume=resume,
-                callbacks=lambda run: [EpochProgress(bar, run_label(run))] if bar is not None else [],
-            )
-            write_report(out_dir)
-    finally:
-        if bar is not None:
-            bar.close()
-    print(format_table(summary))
-    print(f"run folder: {out_dir}  (report: {out_dir / 'report.html'})")
+    with process_group(config.run.device, config.run.threads):
+        rank_zero = is_rank_zero()
+        out_dir = args.resume if resume else agree(_out_dir(args, config.run.dataset))
+        runs = list(plan_runs(config))
+        done = sum(_epochs_done(out_dir / RUNS_DIR / run_label(run)) for run in runs) if resume and rank_zero else 0
+        bar = _progress_bar(sum(run.epochs for run in runs), done, args.quiet or not rank_zero)
+        try:
+            with _resumable("compare", out_dir, _processes()):
+                summary = compare(
+                    config,
+                    out_dir,
+                    resume=resume,
+                    callbacks=lambda run: [EpochProgress(bar, run_label(run))] if bar is not None else [],
+                )
+                if rank_zero:
+                    write_report(out_dir)
+        finally:
+            if bar is not None:
+                bar.close()
+    if rank_zero:
+        print(format_table(summary))
+        print(f"run folder: {out_dir}  (report: {out_dir / 'report.html'})")
     return 0
 
 
@@ -350,26 +428,42 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("train", "compare"):
+            return _run(args, argv)
+        if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+            raise ConfigError(f"sharpness {args.command} runs in one process; run it without torchrun")
         if args.command == "report":
             for path in write_report(args.run_dir):
                 print(f"wrote {path}")
             return 0
         if args.command == "measure":
             return _measure(args)
-        if args.command == "reproduce":
-            return _reproduce(args)
-        return _train(args) if args.command == "train" else _compare(args)
+        return _reproduce(args)
     except NonFiniteLossError as exc:
-        print(f"sharpness: training stopped: {exc}", file=sys.stderr)
+        if _rank() == 0:  # every process stops at the same step with the same message
+            print(f"sharpness: training stopped: {exc}", file=sys.stderr)
         return 1
     except Interrupted as exc:
-        print(f"sharpness: {exc}", file=sys.stderr)
+        if _rank() == 0:  # every process got the signal
+            print(f"sharpness: {exc}", file=sys.stderr)
         return 130
     except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"sharpness: error: {exc}", file=sys.stderr)
+        where = f" (rank {_rank()})" if _rank() else ""
+        print(f"sharpness{where}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _rank() -> int:
+    """This process's rank under ``torchrun`` (0 outside it)."""
+    return int(os.environ["RANK"]) if launched_by_torchrun() else 0
+
+
+def _processes() -> int:
+    """The number of processes of this ``torchrun`` job (1 outside it)."""
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
 
 
 if __name__ == "__main__":

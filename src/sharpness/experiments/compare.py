@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from sharpness.experiments.config import CompareConfig, RunConfig
-from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, run_training
+from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, check_settings, run_training
 from sharpness.experiments.stats import mean_ci95
 from sharpness.optim.registry import SAM_FAMILY
 from sharpness.train import CHECKPOINT_NAME, Callback, read_json, write_json
 from sharpness.train.checkpoint import nan_for_null, remove_stale_temps
+from sharpness.train.distributed import barrier, is_rank_zero, world
 
 SUMMARY_NAME = "summary.json"
 RUNS_DIR = "runs"
@@ -41,6 +42,20 @@ def plan_runs(config: CompareConfig) -> Iterator[RunConfig]:
                 )
 
 
+def check_compare(config: CompareConfig, out_dir: str | Path, *, resume: bool, world_size: int = 1) -> None:
+    """Every check made before anything is written: the settings (the global batch over ``world_size``
+    processes too) and the folder (a resumed comparison's ``config.json`` must match ``config``)."""
+    config.validate()
+    check_settings(config.run, world_size)
+    out_dir = Path(out_dir)
+    if resume:
+        saved = out_dir / CONFIG_NAME
+        if not saved.is_file() or read_json(saved) != {"kind": "compare", **_describe(config)}:
+            raise ValueError(f"cannot resume {out_dir}: its {CONFIG_NAME} is missing or has other settings")
+    elif (out_dir / RUNS_DIR).exists():
+        raise ValueError(f"{out_dir} already holds a comparison; use --resume to continue it, or another --out")
+
+
 def compare(
     config: CompareConfig,
     out_dir: str | Path,
@@ -52,24 +67,24 @@ def compare(
 
     With ``resume=True`` finished runs are kept, interrupted ones continue from their checkpoints and missing
     ones are trained. ``callbacks(run_config)`` gives extra callbacks for each run (progress, tracking).
+    In a process group of several processes every process calls this alike and trains every run with the
+    others; rank 0 writes the folder and returns the summary, the other ranks return ``{}``.
     """
-    config.validate()
     out_dir = Path(out_dir)
-    saved = out_dir / CONFIG_NAME
-    described = {"kind": "compare", **_describe(config)}
-    if resume:
-        if not saved.is_file() or read_json(saved) != described:
-            raise ValueError(f"cannot resume {out_dir}: its {CONFIG_NAME} is missing or has other settings")
-        remove_stale_temps(out_dir)
-    elif (out_dir / RUNS_DIR).exists():
-        raise ValueError(f"{out_dir} already holds a comparison; use --resume to continue it, or another --out")
-    write_json(described, saved)
+    check_compare(config, out_dir, resume=resume, world_size=world()[1])
+    barrier()  # every process has checked the folder before rank 0 writes into it
+    if is_rank_zero():
+        if resume:
+            remove_stale_temps(out_dir)
+        write_json({"kind": "compare", **_describe(config)}, out_dir / CONFIG_NAME)
     for run in plan_runs(config):
         run_dir = out_dir / RUNS_DIR / run_label(run)
         if (run_dir / FINAL_NAME).is_file():
             continue
         resume_run = resume and (run_dir / CHECKPOINT_NAME).is_file()
         run_training(run, run_dir, resume=resume_run, callbacks=callbacks(run))
+    if not is_rank_zero():
+        return {}
     summary = summarize(out_dir)
     write_json(summary, out_dir / SUMMARY_NAME)
     return summary

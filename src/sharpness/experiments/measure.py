@@ -38,7 +38,7 @@ from sharpness.curvature import (
 )
 from sharpness.experiments.config import RunConfig, build_config, check_choice, check_integer, check_number
 from sharpness.experiments.figures import pyplot, save_figure
-from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, build_trainer, load_data
+from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, LAUNCH_RECORD, build_trainer, load_data
 from sharpness.train import CHECKPOINT_NAME, load_checkpoint, load_weights, read_json, write_json
 from sharpness.train.checkpoint import json_safe
 
@@ -111,6 +111,8 @@ def _load_config(run_dir: Path, device: str | None) -> RunConfig:
         raise ValueError(f"{run_dir} is a comparison folder; measure one of its runs under {run_dir / 'runs'}{listed}")
     if kind != "train":
         raise ValueError(f"{config_path} has unknown kind {kind!r} (expected a 'train' run folder)")
+    for key in LAUNCH_RECORD:  # how the run was launched, not a setting
+        saved.pop(key, None)
     config = build_config(saved if device is None else {**saved, "device": device}, compare=False)
     assert isinstance(config, RunConfig)
     return config

@@ -3,6 +3,10 @@
 A run folder holds ``config.json`` (the configuration), ``metrics.jsonl`` / ``metrics.csv`` (one row per
 epoch), ``checkpoint.pt`` (the last completed epoch; ``--resume`` continues from it bit-identically) and, when
 the run has finished, ``final.json`` (eval-mode metrics on every split and the generalisation gap).
+
+Under ``torchrun`` (a process group of N > 1 processes) every process trains its shard of each global batch and
+rank 0 alone evaluates, tracks sharpness and writes the folder; ``config.json`` also records ``world_size`` and
+``replica_batch`` (the per-process batch, SAM's ``m``).
 """
 
 from __future__ import annotations
@@ -30,8 +34,18 @@ from sharpness.train import (
     read_json,
     write_json,
 )
+from sharpness.train.distributed import (
+    check_global_batch,
+    distribute,
+    fault_callbacks,
+    is_rank_zero,
+    replica_device,
+    world,
+)
 
 CONFIG_NAME, FINAL_NAME = "config.json", "final.json"
+LAUNCH_RECORD = ("world_size", "replica_batch")
+"""Keys of a train run's ``config.json`` that record how it was launched, not settings of :class:`RunConfig`."""
 
 
 def load_data(config: RunConfig) -> Dataset:
@@ -46,9 +60,15 @@ def load_data(config: RunConfig) -> Dataset:
 
 
 def build_trainer(config: RunConfig, data: Dataset, callbacks: Sequence[Callback] = ()) -> Trainer:
-    """Model (seeded with ``config.seed``), optimizer, schedule and trainer for ``config``."""
+    """Model (seeded with ``config.seed``), optimizer, schedule and trainer for ``config``.
+
+    In a process group of several processes the model is wrapped in ``DistributedDataParallel`` before the
+    optimizer is built around it, on ``cuda:LOCAL_RANK`` for a CUDA device.
+    """
     torch.manual_seed(config.seed)
+    device = replica_device(config.device)
     model = build_model(config.model_name, input_shape=data.input_shape, num_classes=data.num_classes)
+    model = distribute(model, device)
     optimizer = build_optimizer(
         config.optimizer,
         model,
@@ -76,10 +96,38 @@ def build_trainer(config: RunConfig, data: Dataset, callbacks: Sequence[Callback
         batch_size=config.batch_size,
         scheduler=scheduler,
         seed=config.seed,
-        device=config.device,
+        device=device,
         callbacks=callbacks,
         micro_batch=config.micro_batch,
     )
+
+
+def check_settings(config: RunConfig, world_size: int = 1) -> None:
+    """The settings, and the global batch over ``world_size`` processes; a one-line :class:`ConfigError`."""
+    config.validate()
+    try:
+        check_global_batch(config.batch_size, world_size, micro_batch=config.micro_batch)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def check_run(config: RunConfig, run_dir: str | Path, *, resume: bool, world_size: int = 1) -> None:
+    """Every check made before anything is written; a one-line :class:`ConfigError` naming the problem.
+
+    :func:`check_settings`, and the folder: a new run's must not hold a run, a resumed run's ``config.json`` must
+    match ``config`` and a finished one must still have its checkpoint.
+    """
+    check_settings(config, world_size)
+    run_dir = Path(run_dir)
+    if resume:
+        _check_same_config(run_dir / CONFIG_NAME, config)
+        if (run_dir / FINAL_NAME).exists() and not (run_dir / CHECKPOINT_NAME).exists():
+            raise ConfigError(
+                f"cannot resume {run_dir}: the run has finished ({FINAL_NAME}) but its {CHECKPOINT_NAME} is missing, "
+                "so there is nothing to continue; start a new run with --out"
+            )
+    elif (run_dir / FINAL_NAME).exists() or (run_dir / CHECKPOINT_NAME).exists():
+        raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it, or choose another --out")
 
 
 def run_training(
@@ -97,31 +145,30 @@ def run_training(
     that stopped before its first checkpoint has nothing to continue from and is trained from the start (it is
     deterministic, so this is the same run). ``callbacks`` run before the metrics logger and the checkpointer
     (so they can add metrics).
+
+    In a process group of several processes (see :mod:`sharpness.train.distributed`) every process calls this
+    with the same arguments; rank 0 alone tracks sharpness, writes the folder and computes the final metrics,
+    and the other ranks return ``{}``. A checkpoint of any number of processes resumes with any other number.
     """
-    config.validate()
     run_dir = Path(run_dir)
+    rank_zero, world_size = is_rank_zero(), world()[1]
+    check_run(config, run_dir, resume=resume, world_size=world_size)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    saved_config = run_dir / CONFIG_NAME
-    state = None
-    if resume:
-        _check_same_config(saved_config, config)
-        state = _resume_state(run_dir)
-    elif (run_dir / FINAL_NAME).exists() or (run_dir / CHECKPOINT_NAME).exists():
-        raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it, or choose another --out")
+    state = load_checkpoint(run_dir) if resume and (run_dir / CHECKPOINT_NAME).exists() else None
     data = data if data is not None else load_data(config)
-    tracking = []
-    if config.track_sharpness_every is not None:
-        tracking = [SharpnessTracker(config.track_sharpness_every, run_dir=run_dir)]
-    trainer = build_trainer(
-        config,
-        data,
-        [*callbacks, *tracking, MetricsLogger(run_dir), Checkpointer(run_dir, every=config.checkpoint_every)],
-    )
+    writers: list[Callback] = []
+    if rank_zero:
+        if config.track_sharpness_every is not None:
+            writers.append(SharpnessTracker(config.track_sharpness_every, run_dir=run_dir))
+        writers += [MetricsLogger(run_dir), Checkpointer(run_dir, every=config.checkpoint_every)]
+    # With several processes, building the trainer (DDP's construction) waits for all of them: no process reads
+    # the folder after rank 0 starts writing it.
+    trainer = build_trainer(config, data, [*callbacks, *writers, *fault_callbacks()])
     if state is not None:
         _restore(trainer, state, run_dir / CHECKPOINT_NAME)
-    if not resume:
-        write_json({"kind": "train", **dataclasses.asdict(config)}, saved_config)
+    if rank_zero:
+        _record_config(config, run_dir, world_size, resume)
     try:
         trainer.fit()
     except NonFiniteLossError as exc:
@@ -132,9 +179,26 @@ def run_training(
             else "no epoch had completed, so there is no checkpoint"
         )
         raise NonFiniteLossError(f"{exc}; {kept}") from None
+    if not rank_zero:
+        return {}
     final = trainer.final_metrics()
     write_json(final, run_dir / FINAL_NAME)
     return final
+
+
+def _record_config(config: RunConfig, run_dir: Path, world_size: int, resume: bool) -> None:
+    """Write ``config.json``: the settings and the launch record (:data:`LAUNCH_RECORD`).
+
+    A resumed run keeps the saved file, but a resume with another number of processes updates its launch record.
+    """
+    path = run_dir / CONFIG_NAME
+    record = {"world_size": world_size, "replica_batch": config.batch_size // world_size}
+    if not resume:
+        write_json({"kind": "train", **dataclasses.asdict(config), **record}, path)
+        return
+    saved = read_json(path)
+    if {key: saved.get(key) for key in LAUNCH_RECORD} != record:
+        write_json({**saved, **record}, path)
 
 
 def _check_same_config(path: Path, config: RunConfig) -> None:
@@ -150,18 +214,6 @@ def _check_same_config(path: Path, config: RunConfig) -> None:
             f"cannot resume {path.parent}: the settings differ from the saved run in {differing}; "
             "resume with the run's own settings"
         )
-
-
-def _resume_state(run_dir: Path) -> dict[str, Any] | None:
-    """The checkpoint to resume from, or ``None`` for a run that stopped before its first one (it restarts)."""
-    if (run_dir / CHECKPOINT_NAME).exists():
-        return load_checkpoint(run_dir)
-    if (run_dir / FINAL_NAME).exists():
-        raise ConfigError(
-            f"cannot resume {run_dir}: the run has finished ({FINAL_NAME}) but its {CHECKPOINT_NAME} is missing, "
-            "so there is nothing to continue; start a new run with --out"
-        )
-    return None
 
 
 def _restore(trainer: Trainer, state: dict[str, Any], checkpoint: Path) -> None:

@@ -8,13 +8,17 @@ number of forward/backward passes and the fraction of steps that took more than 
 Determinism: batches are shuffled and augmented with the loop's own ``torch.Generator`` s, seeded from ``seed``;
 :meth:`Trainer.state_dict` holds them, the model, the optimizer, the scheduler, the global torch RNG (dropout)
 and the history, so a run resumed from a checkpoint continues bit-identically.
+
+Data parallelism: inside an initialised process group of N > 1 processes (``torchrun``), the model is wrapped in
+``DistributedDataParallel`` and each process trains on its shard of every global batch (see
+:mod:`sharpness.train.distributed`); ``batch_size`` stays the global batch.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,6 +31,7 @@ from sharpness.checks import check_integer
 from sharpness.data import Dataset, iterate_batches, num_batches
 from sharpness.train.callbacks import Callback
 from sharpness.train.checkpoint import load_weights
+from sharpness.train.distributed import all_reduce_sums, check_global_batch, distribute, shard, unwrap, world
 
 _SEED_OFFSET_AUGMENT = 1_000_003  # a second, unrelated stream for augmentation
 
@@ -41,9 +46,9 @@ class StepOutput:
 
     epoch: int  # 0-based epoch of this step
     step: int  # optimizer steps taken so far, this one included
-    loss: float  # the loss at the unperturbed weights (the closure's first call)
+    loss: float  # the loss at the unperturbed weights (the closure's first call), over the global batch
     passes: int  # forward/backward passes this step took
-    x: Tensor
+    x: Tensor  # this process's examples of the batch (all of them in a single process)
     y: Tensor
 
 
@@ -71,11 +76,17 @@ class Trainer:
     """Train ``model`` on ``data`` with ``optimizer`` for ``epochs`` epochs, evaluating after each epoch.
 
     Args:
-        model, optimizer: any ``nn.Module`` and any optimizer whose ``step`` accepts a closure.
+        model, optimizer: any ``nn.Module`` and any optimizer whose ``step`` accepts a closure. Inside a process
+            group of several processes ``model`` is wrapped in ``DistributedDataParallel`` (pass it wrapped, e.g.
+            by :func:`~sharpness.train.distributed.distribute`, when the optimizer needs the wrapper: SAM's
+            ``model=``); :attr:`model` is always the unwrapped module, :attr:`train_module` the one the training
+            passes run through.
         data: a :class:`sharpness.data.Dataset`; the loss is cross-entropy for classification, mean squared
             error for regression.
         epochs: number of epochs (the run stops after this many, counting resumed ones).
-        batch_size: training batch size; the last, smaller batch of an epoch is kept.
+        batch_size: training batch size; the last, smaller batch of an epoch is kept. With N processes it is the
+            global batch: each process takes its contiguous ``batch_size / N`` examples of every batch (all
+            processes draw the same order), so the run sees the data of a single-process run.
         scheduler: stepped after every optimizer step (so a cosine schedule should span all steps).
         seed: seeds the shuffling and augmentation generators (the model's initialisation is the caller's).
         device: where the model and the batches live; data stay on the CPU and batches are moved.
@@ -84,7 +95,12 @@ class Trainer:
         micro_batch: ``m`` of m-sharpness: each training batch is split into micro-batches of this many examples
             (the last one may be smaller) and SAM perturbs each with its own gradient
             (:meth:`sharpness.SAM.step_micro_batches`); needs a :class:`sharpness.SAM` without a switching
-            policy. ``None`` (default): the whole batch, plain SAM.
+            policy. ``None`` (default): the whole batch, plain SAM. Not with several processes, where each
+            process's batch is already SAM's ``m``.
+
+    With several processes the training metrics are global (summed over the processes, one small all-reduce per
+    step), evaluation runs on rank 0 only (other ranks' epoch records have no evaluation keys) and callbacks run on
+    every process: attach the ones that write files on rank 0 only.
     """
 
     def __init__(
@@ -104,6 +120,8 @@ class Trainer:
     ) -> None:
         epochs = check_integer(epochs, "epochs", low=1)
         batch_size = check_integer(batch_size, "batch_size", low=1)
+        self.rank, self.world_size = world()
+        check_global_batch(batch_size, self.world_size, micro_batch=micro_batch, n_examples=len(data.y_train))
         if micro_batch is not None:
             micro_batch = check_integer(micro_batch, "micro_batch", low=1, what="m of m-sharpness")
             if not hasattr(optimizer, "step_micro_batches"):
@@ -111,13 +129,14 @@ class Trainer:
                     f"micro_batch (m-sharpness) needs a sharpness.SAM optimizer, got {type(optimizer).__name__}"
                 )
         self.micro_batch = micro_batch
-        self.model = model.to(device)
+        self.device = torch.device(device)
+        self.train_module = distribute(model, self.device)
+        self.model = unwrap(self.train_module)
         self.optimizer = optimizer
         self.data = data
         self.epochs = epochs
         self.batch_size = batch_size
         self.scheduler = scheduler
-        self.device = torch.device(device)
         self.callbacks = list(callbacks)
         self.eval_batch_size = eval_batch_size
         self.loss_fn = nn.functional.cross_entropy if data.task == "classification" else nn.functional.mse_loss
@@ -148,17 +167,13 @@ class Trainer:
         return self.state
 
     def _train_epoch(self) -> dict[str, float]:
-        self.model.train()
+        self.train_module.train()
         loss_sum, correct, seen = 0.0, 0, 0
-        augment = self.data.augment
-        for x, y in iterate_batches(
-            self.data.x_train, self.data.y_train, self.batch_size, shuffle=True, generator=self.shuffle_generator
-        ):
-            if augment is not None:
-                x = augment(x, self.augment_generator)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            loss, outputs, targets, passes = self._step(x, y)
-            value = loss.item()
+        for x, y, weight in self._epoch_batches():
+            loss, outputs, targets, passes = self._step(x, y, weight)
+            hits = int((outputs.argmax(1) == targets).sum()) if self.data.task == "classification" else 0
+            step_sum, step_correct, step_seen = all_reduce_sums([loss.item() * len(y), hits, len(y)], self.device)
+            value = step_sum / step_seen
             if not math.isfinite(value):
                 raise NonFiniteLossError(
                     f"the training loss became {value} at epoch {self.state.epoch + 1}, step {self.state.step + 1}; "
@@ -169,18 +184,34 @@ class Trainer:
             self.state.multi_pass_steps += passes > 1
             if self.scheduler is not None:
                 self.scheduler.step()
-            loss_sum += value * len(y)
-            seen += len(y)
-            if self.data.task == "classification":
-                correct += int((outputs.argmax(1) == targets).sum())
+            loss_sum += step_sum
+            correct += int(step_correct)
+            seen += int(step_seen)
             step = StepOutput(self.state.epoch, self.state.step, value, passes, x, y)
             for callback in self.callbacks:
                 callback.on_step_end(self, step)
         return {"loss": loss_sum / seen, "correct": correct, "seen": seen}
 
-    def _step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+    def _epoch_batches(self) -> Iterator[tuple[Tensor, Tensor, float]]:
+        """This process's shard of every (augmented) global batch of an epoch, on the device, with its loss weight.
+
+        The weight ``shard size × processes / batch size`` (1 when the shards are equal) makes DDP's average of the
+        replicas' gradients the gradient of the global batch's mean loss also for an uneven last batch.
+        """
+        augment = self.data.augment
+        for x, y in iterate_batches(
+            self.data.x_train, self.data.y_train, self.batch_size, shuffle=True, generator=self.shuffle_generator
+        ):
+            if augment is not None:
+                x = augment(x, self.augment_generator)
+            size = len(y)
+            x, y = shard(x, y, self.rank, self.world_size)
+            weight = len(y) * self.world_size / size
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), weight
+
+    def _step(self, x: Tensor, y: Tensor, weight: float = 1.0) -> tuple[Tensor, Tensor, Tensor, int]:
         """One optimizer step; returns the loss at w, the first pass's outputs and their targets, and the number
-        of passes over the batch."""
+        of passes over the batch (the backward passes use the loss times ``weight``)."""
         if self.micro_batch is not None:
             return self._micro_batch_step(x, y)
         passes = 0
@@ -189,7 +220,7 @@ class Trainer:
         def closure() -> Tensor:
             nonlocal passes
             passes += 1
-            loss, outputs = self._forward_backward(x, y)
+            loss, outputs = self._forward_backward(x, y, weight)
             if not first_outputs:
                 first_outputs.append(outputs)
             return loss
@@ -221,19 +252,23 @@ class Trainer:
         outputs = torch.cat([first_outputs[i] for i in evaluated])
         return loss, outputs, torch.cat([pieces[i][1] for i in evaluated]), round(calls / len(pieces))
 
-    def _forward_backward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Zero the gradients, then forward and backward on ``(x, y)``; returns the loss and the (detached) outputs."""
+    def _forward_backward(self, x: Tensor, y: Tensor, weight: float = 1.0) -> tuple[Tensor, Tensor]:
+        """Zero the gradients, then forward and backward (of the loss times ``weight``) through :attr:`train_module`
+        on ``(x, y)``; returns the loss and the (detached) outputs."""
         self.optimizer.zero_grad(set_to_none=True)
-        outputs = self.model(x)
+        outputs = self.train_module(x)
         loss = self.loss_fn(outputs, y)
-        loss.backward()
+        (loss * weight if weight != 1.0 else loss).backward()
         return loss, outputs.detach()
 
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
     def evaluate(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        """Mean loss (and accuracy for classification) of the model in eval mode; the mode is restored."""
+        """Mean loss (and accuracy for classification) of the model in eval mode; the mode is restored.
+
+        It runs the unwrapped :attr:`model` in this process alone (no collective), so a single process can call it.
+        """
         was_training = self.model.training
         self.model.eval()
         try:
@@ -264,7 +299,7 @@ class Trainer:
         splits = [("test", self.data.x_test, self.data.y_test)]
         if self.data.x_val is not None:
             splits.insert(0, ("val", self.data.x_val, self.data.y_val))
-        for split, x, y in splits:
+        for split, x, y in splits if self.rank == 0 else ():  # evaluation: on rank 0 only
             for key, value in self.evaluate(x, y).items():
                 record[f"{split}_{key}"] = value
         statistics = getattr(self.optimizer, "statistics", None)
@@ -346,10 +381,11 @@ class Trainer:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         by_name = {type(callback).__name__: callback for callback in self.callbacks}
         missing = sorted(set(state["callbacks"]) - set(by_name))
-        if missing:
+        if missing and self.rank == 0:  # other ranks lack the callbacks that only rank 0 runs
             raise ValueError(f"the checkpoint has state for callbacks {missing} that this run lacks; add them")
         for name, callback_state in state["callbacks"].items():
-            by_name[name].load_state_dict(callback_state)
+            if name in by_name:
+                by_name[name].load_state_dict(callback_state)
         self.state = TrainState(**state["train_state"])
 
     def _callback_states(self) -> dict[str, dict[str, Any]]:
