@@ -26,6 +26,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_sam_step.py
 	$(PY) benchmarks/bench_train_loop.py
 	$(PY) benchmarks/bench_hessian.py
+	$(PY) benchmarks/bench_ddp.py
+	$(PY) benchmarks/bench_fsdp_memory.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
