@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch import nn
+from bench_models import build_cnn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
@@ -50,22 +50,6 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CONTENDERS = ("sgd", "sam", "sam_global", "davda54")
 TARGET_SPEEDUP = 1.6
 LR, MOMENTUM, RHO, CLASSES = 0.01, 0.9, 0.05, 10
-
-
-def build_cnn() -> nn.Module:
-    """Two conv-BN-ReLU-maxpool stages (3 -> 32 -> 64 channels) and a linear head, for 3x32x32 inputs."""
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1, bias=False),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1, bias=False),
-        nn.BatchNorm2d(64),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(64 * 8 * 8, CLASSES),
-    )
 
 
 def _optimizer(name: str, ddp: DistributedDataParallel) -> torch.optim.Optimizer:
@@ -137,6 +121,12 @@ def _timed_blocks(steps: dict[str, Callable[[], None]], args: argparse.Namespace
     return times
 
 
+def _ddp_cnn(device: torch.device, rank: int, args: argparse.Namespace) -> DistributedDataParallel:
+    """The CNN (seeded: the same weights every time) wrapped in DDP on ``device``."""
+    torch.manual_seed(0)
+    return DistributedDataParallel(build_cnn(CLASSES).to(device), device_ids=[rank] if args.device == "cuda" else None)
+
+
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
@@ -154,13 +144,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         y = torch.randint(0, CLASSES, (args.batch,), generator=gen)[rank::world].to(device)
         steps, counts = {}, {}
         for name in CONTENDERS:
-            torch.manual_seed(0)
-            counting = DistributedDataParallel(
-                build_cnn().to(device), device_ids=[rank] if args.device == "cuda" else None
-            )
+            counting = _ddp_cnn(device, rank, args)  # a separate model: the hook stays off the timed one
             counts[name] = _count_allreduces(counting, _step_fn(name, counting, _optimizer(name, counting), x, y))
-            torch.manual_seed(0)
-            ddp = DistributedDataParallel(build_cnn().to(device), device_ids=[rank] if args.device == "cuda" else None)
+            ddp = _ddp_cnn(device, rank, args)
             steps[name] = _step_fn(name, ddp, _optimizer(name, ddp), x, y)
         times = _timed_blocks(steps, args)
         if rank == 0:

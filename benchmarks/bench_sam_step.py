@@ -58,6 +58,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_models import build_cnn
 from pytorch_optimizer import SAM as POSAM
 from torch import Tensor, nn
 
@@ -107,26 +108,10 @@ def build_mlp(depth: int = 120, width: int = 32, in_features: int = 64) -> nn.Mo
     return model
 
 
-def build_cnn() -> nn.Module:
-    """A small CNN for 3x32x32 inputs: two conv-BN-ReLU-maxpool stages (3->32->64 channels), linear head."""
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1, bias=False),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1, bias=False),
-        nn.BatchNorm2d(64),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(64 * 8 * 8, CLASSES),
-    )
-
-
 def build_workloads(seed: int, device: torch.device) -> list[Workload]:
     """Both models with their fixed batches on ``device``, built deterministically from ``seed``."""
     torch.manual_seed(seed)
-    mlp, cnn = build_mlp().to(device), build_cnn().to(device)
+    mlp, cnn = build_mlp().to(device), build_cnn(CLASSES).to(device)
     gen = torch.Generator().manual_seed(seed)
     mlp_x = torch.randn(BATCH, 64, generator=gen)
     cnn_x = torch.randn(BATCH, 3, 32, 32, generator=gen)
