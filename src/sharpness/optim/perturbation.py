@@ -97,8 +97,13 @@ def _scaled_norms(tensors: list[Tensor], ord: float) -> Tensor:
     return peaks
 
 
-def combine_norms(norms: Tensor, ord: float) -> float:
-    """``||(n_1, ..., n_k)||_ord`` of per-tensor norms (float64), scaled so that float64 squares cannot overflow."""
+def combine_norms(norms: Tensor, ord: float, sizes: Sequence[int] | None = None) -> float:
+    """``||(n_1, ..., n_k)||_ord`` of per-tensor norms (float64); ``sizes``: how many of them each bucket has.
+
+    In range, the norms are combined per bucket, then across buckets (the order version 0.1 used, so results are
+    bitwise those of earlier runs); a peak beyond ``1e±140`` is divided out first, so float64 squares cannot
+    over- or underflow.
+    """
     if norms.numel() == 0:
         return 0.0
     if ord in (1.0, math.inf):
@@ -106,7 +111,10 @@ def combine_norms(norms: Tensor, ord: float) -> float:
     peak = float(norms.abs().max())
     if not math.isfinite(peak) or peak == 0.0:
         return float(torch.linalg.vector_norm(norms, ord))  # inf or nan, as the entries say
-    return peak * float(torch.linalg.vector_norm(norms / peak, ord))
+    if not 1e-140 <= peak <= 1e140:
+        return peak * float(torch.linalg.vector_norm(norms / peak, ord))
+    parts = norms.split(list(sizes)) if sizes is not None else (norms,)
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p, ord) for p in parts]), ord))
 
 
 def global_norm(buckets: Buckets, ord: float, reduce: ShardReduce | None = None) -> float:
@@ -114,7 +122,8 @@ def global_norm(buckets: Buckets, ord: float, reduce: ShardReduce | None = None)
 
     With ``reduce`` the buckets are this rank's shards and the norm is taken over every rank's (one all-reduce).
     """
-    local = combine_norms(tensor_norms(buckets, ord), ord)
+    sizes = [len(tensors) for tensors in buckets if tensors]
+    local = combine_norms(tensor_norms(buckets, ord), ord, sizes)
     return local if reduce is None else reduce.norm(local, ord)
 
 
