@@ -109,6 +109,11 @@ def held_gradients(param_groups: list[dict[str, Any]]) -> list[Tensor]:
     return [param.grad for group in param_groups for param in group["params"] if param.grad is not None]
 
 
+def flat_gradients(buckets: list[Bucket]) -> list[Tensor]:
+    """Every gradient of ``buckets`` in one list (the shape the finiteness check and the averaging take)."""
+    return [grad for bucket in buckets for grad in bucket.grads]
+
+
 def first_nonempty_gradient(param_groups: list[dict[str, Any]]) -> Tensor | None:
     """The first gradient with at least one element, or ``None``."""
     for group in param_groups:

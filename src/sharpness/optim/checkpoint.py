@@ -47,10 +47,11 @@ def state_dict_of(opt: SAM) -> dict[str, Any]:
         "reuse": None,
     }
     if opt.reuse is not None:
-        saved = opt.reuse.state_dict(_param_order(opt))
+        order = _param_order(opt)
+        saved = opt.reuse.state_dict(order)
         sam["reuse"] = {"alpha": saved["alpha"], "per_tensor": saved["per_tensor"]}
         state["state"] = dict(state["state"])  # the per-parameter dicts are the live ones: copy what we extend
-        for index, param in enumerate(_param_order(opt)):  # every parameter, zeros where there is no g_v yet
+        for index, param in enumerate(order):  # every parameter, zeros where there is no g_v yet
             g_v = saved["g_v"].get(index)
             g_v = _global(_zeros_like_local(param) if g_v is None else g_v, param)
             state["state"][index] = {**state["state"].get(index, {}), G_V_KEY: g_v}

@@ -26,12 +26,13 @@ from sharpness.optim.buckets import (
     all_gradients,
     collect_buckets,
     first_nonempty_gradient,
+    flat_gradients,
     held_gradients,
     shard_reduce,
 )
 from sharpness.optim.checkpoint import load_sam_state, split_state_dict, state_dict_of
 from sharpness.optim.distributed import EpsilonFrom, ReplicaSync, replica_sync
-from sharpness.optim.groups import common_p, defaults_of, reject_bare_options
+from sharpness.optim.groups import common_p, defaults_of, fill_group, reject_bare_options
 from sharpness.optim.m_sharpness import micro_batch_step
 from sharpness.optim.perturbation import all_finite, dual_norm, global_norm, unit_ascent
 from sharpness.optim.policy import Always, Policy
@@ -238,7 +239,7 @@ class SAM(Optimizer):
             return
         reject_bare_options(param_group, self.base_optimizer.defaults, type(self.base_optimizer).__name__)
         self.base_optimizer.add_param_group(param_group)
-        self._buckets()  # fills and validates the new group's SAM keys
+        fill_group(param_group, self.defaults)
         self._shard = shard_reduce(self.param_groups)
 
     @property
@@ -280,13 +281,13 @@ class SAM(Optimizer):
     def _average_local_gradients(self, buckets: list[Bucket]) -> None:
         """An ERM step after a per-replica first pass: the gradient is averaged over replicas here."""
         if self._replica_local():
-            self._sync.average([grad for bucket in buckets for grad in bucket.grads])
+            self._sync.average(flat_gradients(buckets))
 
     def _first_gradient_finite(self, buckets: list[Bucket]) -> bool:
         """Whether the current step's first gradient is finite on every replica (its norm says so, when known)."""
         if self._grad_norm is not None or self._replica_local():
             return math.isfinite(self._first_grad_norm(buckets, 1.0))
-        return all_finite([grad for bucket in buckets for grad in bucket.grads], self._shard)
+        return all_finite(flat_gradients(buckets), self._shard)
 
     def _begin_step(self) -> None:
         """A new step starts: a previous one that was never finished (e.g. a GradScaler skipped it) is dropped."""
@@ -540,7 +541,7 @@ class SAM(Optimizer):
         """Whether the gradient at ``w + ε`` is finite (on every rank's shard, for sharded parameters)."""
         if self._shard is None:
             return all_finite(held_gradients(self.param_groups))
-        return all_finite([grad for bucket in self._buckets() for grad in bucket.grads], self._shard)
+        return all_finite(flat_gradients(self._buckets()), self._shard)
 
     def _finish_erm_step(self, buckets: list[Bucket] | None = None) -> None:
         if self.reuse is not None:
@@ -654,9 +655,10 @@ class SAM(Optimizer):
 
     def _all_gradients_zero(self) -> bool:
         buckets = self._buckets()
-        if self._shard is not None:
-            return global_norm(all_gradients(buckets), math.inf, self._shard) == 0.0
-        return bool(buckets) and global_norm(all_gradients(buckets), math.inf) == 0.0
+        # sharded: every rank joins the reduction, also one whose local shards hold no gradient
+        return (bool(buckets) or self._shard is not None) and global_norm(
+            all_gradients(buckets), math.inf, self._shard
+        ) == 0.0
 
     def _evaluate(self, closure: Closure, which: str) -> Any:
         self.zero_grad(set_to_none=True)
