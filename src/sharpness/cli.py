@@ -84,6 +84,7 @@ def _run_flags(parser: argparse.ArgumentParser, *, single: bool) -> None:
     add("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     add("--quiet", action="store_true", help="no progress bar")
     add("--nproc-per-node", type=int, help="train in N data-parallel processes (torch.distributed.run; default 1)")
+    add("--fsdp", action="store_true", help="with several processes: shard the model (FSDP2) instead of DDP")
     for action in parser._actions:
         if action.dest not in ("help", "quiet"):
             action.default = argparse.SUPPRESS
@@ -157,6 +158,9 @@ def _measure_flags(commands: Any) -> None:
     add("--threads", "torch CPU threads (default: torch's own choice)", type=int)
     add("--out", "output folder (default: RUN_DIR/measure)", type=Path)
     meas.add_argument("--force", action="store_true", help="overwrite an earlier measure.json in the output folder")
+    meas.add_argument(
+        "--nproc-per-node", type=int, default=1, help="measure in N processes, each on its part of the set (default 1)"
+    )
 
 
 class EpochProgress(Callback):
@@ -320,22 +324,25 @@ def _launch(args: argparse.Namespace, argv: list[str], nproc: int) -> int:
         check_run(config, out, resume=resume, world_size=nproc)
     else:
         check_compare(config, out, resume=resume, world_size=nproc)
-    command = [sys.executable, "-u", "-m", "sharpness.cli", *argv]
-    if not resume and "out" not in args:
-        command += ["--out", str(out)]
+    extra = ["--out", str(out)] if not resume and "out" not in args else []
+    kept = "its last completed epoch is kept" if kind == "train" else "finished runs and checkpoints are kept"
+    return _launch_processes([*argv, *extra], nproc, f"{out}: {kept}; resume with: {_resume_command(kind, out, nproc)}")
+
+
+def _launch_processes(argv: list[str], nproc: int, after_failure: str) -> int:
+    """Run ``sharpness ARGV`` in ``nproc`` processes; the exit status, with one line when a process failed.
+
+    0; 2 or 130 when a process stopped on bad input or Ctrl-C (it printed its own one-line message); 1 when a
+    process failed: the line names it, then ``after_failure`` (what is kept, how to go on).
+    """
     try:
-        launch(command, nproc)
+        launch([sys.executable, "-u", "-m", "sharpness.cli", *argv], nproc)
     except KeyboardInterrupt:
-        return 130  # the processes got the signal too: rank 0 printed the command that resumes
+        return 130  # the processes got the signal too: rank 0 printed what to do
     except WorkerFailed as exc:
         if exc.exitcode in (2, 130):
-            return exc.exitcode  # bad input or Ctrl-C: the process printed its one-line message
-        kept = "its last completed epoch is kept" if kind == "train" else "finished runs and checkpoints are kept"
-        print(
-            f"sharpness: the job stopped: {exc} and the others were stopped; {out}: {kept}; resume with: "
-            f"{_resume_command(kind, out, nproc)}",
-            file=sys.stderr,
-        )
+            return exc.exitcode
+        print(f"sharpness: the job stopped: {exc} and the others were stopped; {after_failure}", file=sys.stderr)
         return 1
     return 0
 
@@ -402,15 +409,26 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _measure(args: argparse.Namespace) -> int:
+def _measure(args: argparse.Namespace, argv: list[str]) -> int:
+    """``measure``: in this process (also as one of ``torchrun``'s), or checked here and launched in N processes."""
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"threads must be an integer >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
-    options = {key: value for key, value in vars(args).items() if key not in ("command", "path", "threads")}
-    result = measure(args.path, **options)
+    nproc = args.nproc_per_node
+    if nproc < 1:
+        raise ConfigError(f"--nproc-per-node must be an integer >= 1, got {nproc}")
+    skip = ("command", "path", "threads", "nproc_per_node")
+    options = {key: value for key, value in vars(args).items() if key not in skip}
+    if nproc > 1 and not launched_by_torchrun():
+        measure(args.path, **options, check_only=True, processes=nproc)  # bad input: one line, before any process
+        return _launch_processes(argv, nproc, "nothing was written")
+    with process_group(args.device or "cpu", args.threads):
+        result = measure(args.path, **options)
+        if not is_rank_zero():
+            return 0
     print(format_measurements(result))
     for path in result["files"]:
         print(f"wrote {path}")
@@ -433,14 +451,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("train", "compare"):
             return _run(args, argv)
+        if args.command == "measure":
+            return _measure(args, argv)
         if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
             raise ConfigError(f"sharpness {args.command} runs in one process; run it without torchrun")
         if args.command == "report":
             for path in write_report(args.run_dir):
                 print(f"wrote {path}")
             return 0
-        if args.command == "measure":
-            return _measure(args)
         return _reproduce(args)
     except NonFiniteLossError as exc:
         if _rank() == 0:  # every process stops at the same step with the same message

@@ -153,6 +153,47 @@ class _LocalPolicy(Policy):
         return True
 
 
+def scenario_dcp_resume(rank: int, world_size: int) -> dict[str, Any]:
+    """Every preset under DDP: 3 steps, a save through torch.distributed.checkpoint (``get_state_dict`` of the DDP
+    module and SAM, ``dcp.save``), a load into a fresh DDP model and optimizer, and 3 more steps of both: the
+    resumed run must equal the live one bitwise, with SAM's counters and policy state restored."""
+    import tempfile
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    directory = [tempfile.mkdtemp(prefix="sharpness-dcp-") if rank == 0 else None]
+    dist.broadcast_object_list(directory, src=0)
+    out = {}
+    for name, build in PRESETS.items():
+        live_ddp = DistributedDataParallel(model())
+        live = build(live_ddp.parameters(), model=live_ddp)
+        first, rest = batches(world_size)[:3], batches(world_size)[3:]
+        for batch in first:
+            live.step(closure_of(live_ddp, *shard(batch, rank, world_size)))
+        expected = (live.steps, live.sam_steps, live.policy.state_dict())
+        model_state, optim_state = get_state_dict(live_ddp, live)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=f"{directory[0]}/{name}")
+        resumed_ddp = DistributedDataParallel(model())
+        resumed = build(resumed_ddp.parameters(), model=resumed_ddp)
+        model_state, optim_state = get_state_dict(resumed_ddp, resumed)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=f"{directory[0]}/{name}")
+        set_state_dict(resumed_ddp, resumed, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        restored = (resumed.steps, resumed.sam_steps, resumed.policy.state_dict())
+        for batch in rest:
+            live.step(closure_of(live_ddp, *shard(batch, rank, world_size)))
+            resumed.step(closure_of(resumed_ddp, *shard(batch, rank, world_size)))
+        out[name] = {
+            "restored": restored,
+            "expected": expected,
+            "equal": torch.equal(flat_state(live_ddp.module), flat_state(resumed_ddp.module)),
+            "trained": not torch.equal(flat_state(live_ddp.module), flat_state(model())),
+        }
+    return out
+
+
 def scenario_construction_errors(rank: int, world_size: int) -> dict[str, str]:
     """A policy that could desynchronise the replicas is an error at construction."""
     ddp = DistributedDataParallel(model())
@@ -169,6 +210,7 @@ SCENARIOS = {
     "two_step": scenario_two_step,
     "non_finite": scenario_non_finite,
     "allreduce_counts": scenario_allreduce_counts,
+    "dcp_resume": scenario_dcp_resume,
 }
 
 

@@ -5,6 +5,7 @@
   gradient norms differ tenfold; LookSAM's ``g_v`` is identical on every replica;
 - the documented two-step loop gives the closure form's result;
 - a non-finite gradient on one replica skips the step on all of them (no hang);
+- a run saved and loaded through ``torch.distributed.checkpoint`` continues bitwise, for every preset;
 - gradient all-reduces per step, counted by a DDP communication hook: a SAM step makes as many as an SGD step,
   ``epsilon_from="global"`` twice as many, an ERM step of a switching policy as many as an SGD step.
 """
@@ -74,3 +75,22 @@ def test_a_policy_that_could_desynchronise_is_an_error_at_construction(ranks) ->
 def test_epsilon_from_is_checked() -> None:
     with pytest.raises(ValueError, match="unknown epsilon_from 'local'; valid: replica, global"):
         PRESETS["sam"](model().parameters(), epsilon_from="local")
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_resuming_from_torch_distributed_checkpoint_continues_bitwise(ranks, preset: str) -> None:
+    for rank in ranks:
+        result = rank["dcp_resume"][preset]
+        assert _same(result["restored"], result["expected"])  # counters and the policy's state, exactly
+        assert result["expected"][0] == 3 and result["equal"] and result["trained"]
+
+
+def _same(a: object, b: object) -> bool:
+    """Exact equality of nested tuples/dicts holding numbers, strings and tensors (RandomSAM's generator state)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b

@@ -24,7 +24,9 @@ from sharpness.train.distributed import FAULT_ENV, TIMEOUT_ENV, check_global_bat
 
 BIN = Path(sys.executable).parent
 TINY = ["--dataset", "synthetic", "--epochs", "1", "--batch-size", "32", "--quiet"]
+# tensorboard/: the event files (tensorboard is installed in the test environment, through the integrations extra)
 RUN_FILES = {"checkpoint.pt", "config.json", "curves.png", "final.json", "metrics.csv", "metrics.jsonl", "report.html"}
+RUN_FILES |= {"tensorboard"}
 
 
 def _run(*command: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -82,11 +84,15 @@ def test_two_processes_train_on_the_data_of_one(tmp_path: Path) -> None:
     assert main(["measure", str(two), "--what", "trace", "--samples", "3", "--measure-size", "64"]) == 0
 
 
-def test_torchrun_form_trains_sam_and_tracks_sharpness_on_rank_0(tmp_path: Path) -> None:
-    out = tmp_path / "run"
+def test_torchrun_form_trains_sam_and_tracks_sharpness_over_both_processes(tmp_path: Path) -> None:
+    """Each process measures its half of the measurement set and the Hessian-vector products are all-reduced, so
+    the tracked λ_max and ||g|| are those of a one-process run (which measures the whole set), up to float32 rounding
+    (SAM with per-replica ε is m-sharpness with m = 16 here: the one-process run uses --micro-batch 16)."""
+    out, one = tmp_path / "run", tmp_path / "one"
+    args = [*TINY, "--optimizer", "sam", "--track-sharpness-every", "8"]
     result = _run(
         str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python",
-        "sharpness", "train", *TINY, "--optimizer", "sam", "--track-sharpness-every", "8", "--out", str(out),
+        "sharpness", "train", *args, "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert {p.name for p in out.iterdir()} == RUN_FILES | {"sharpness.jsonl", "sharpness.png"}
@@ -96,6 +102,11 @@ def test_torchrun_form_trains_sam_and_tracks_sharpness_on_rank_0(tmp_path: Path)
     assert [line["step"] for line in tracked] == [8, 16]
     assert row["sharpness_lambda_max"] == tracked[-1]["lambda_max"]
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert main(["train", *args, "--micro-batch", "16", "--threads", "1", "--out", str(one)]) == 0
+    reference = [json.loads(line) for line in (one / "sharpness.jsonl").read_text().splitlines()]
+    for mine, theirs in zip(tracked, reference, strict=True):
+        for key in ("lambda_max", "grad_norm", "loss"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-4), key
 
 
 def test_a_dead_rank_stops_the_job_and_resume_finishes_it_in_one_process(tmp_path: Path) -> None:
@@ -116,6 +127,55 @@ def test_a_dead_rank_stops_the_job_and_resume_finishes_it_in_one_process(tmp_pat
     assert json.loads((out / "config.json").read_text())["world_size"] == 1
 
 
+def test_fsdp_sam_trains_on_the_data_of_one_and_resumes_sharded(tmp_path: Path) -> None:
+    """SAM on a model sharded over 2 processes (``--fsdp``: ε from the reduced gradient, i.e. of the global batch)
+    is one-process SAM up to float32 rounding, in weights, optimizer state and metrics. Rank 1 dies in epoch 2; the
+    checkpoint of epoch 1 (gathered from the shards, in the unsharded layout) resumes sharded to the same end."""
+    args = [*TINY, "--epochs", "2", "--optimizer", "sam", "--val-split", "0.1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", *args, "--threads", "1", "--out", str(one)]) == 0
+    failed = _sharpness("train", *args, "--fsdp", "--nproc-per-node", "2", "--out", str(two), env={FAULT_ENV: "1:20"})
+    assert failed.returncode == 1 and f"--resume {two} --nproc-per-node 2" in failed.stderr
+    assert load_checkpoint(two)["train_state"]["epoch"] == 1
+    resumed = _sharpness("train", "--resume", str(two), "--fsdp", "--nproc-per-node", "2", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    state_one, state_two = load_checkpoint(one), load_checkpoint(two)
+    for name, tensor in state_one["model"].items():
+        torch.testing.assert_close(state_two["model"][name], tensor, rtol=0, atol=1e-6)
+    momenta = [[s["momentum_buffer"] for _, s in sorted(c["optimizer"]["state"].items())]
+               for c in (state_one, state_two)]  # fmt: skip
+    torch.testing.assert_close(momenta[1], momenta[0], rtol=0, atol=1e-6)
+    assert state_two["optimizer"]["param_groups"][0]["sam"] == state_one["optimizer"]["param_groups"][0]["sam"]
+    final_one, final_two = (json.loads((d / "final.json").read_text()) for d in (one, two))
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "passes"):
+        assert final_two[key] == pytest.approx(final_one[key], rel=1e-5), key
+    assert [row["epoch"] for row in _rows(two)] == [1, 2]
+
+
+def test_measure_in_two_processes_equals_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``measure --nproc-per-node 2``: each process holds part of an odd-sized measurement set (151 + 150), the
+    products are all-reduced with example weights, the estimators draw the same vectors: every figure equals the
+    one-process measurement up to float32 rounding; rank 0 alone writes and prints."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--threads", "1", "--out", str(run)]) == 0
+    flags = ["--what", "eig,trace,frobenius,density", "--samples", "6", "--density-vectors", "2"]
+    flags += ["--density-steps", "8", "--measure-size", "301", "--top-k", "3"]
+    assert main(["measure", str(run), *flags, "--threads", "1", "--out", str(tmp_path / "one")]) == 0
+    result = _sharpness("measure", str(run), *flags, "--nproc-per-node", "2", "--out", str(tmp_path / "two"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("wrote") == 2  # measure.json and the density figure, once
+    one, two = (json.loads((tmp_path / name / "measure.json").read_text()) for name in ("one", "two"))
+    assert (one["settings"]["num_examples"], two["settings"]["processes"]) == (301, 2)
+    figures = [
+        (m["loss"], m["grad_norm"], *m["eig"]["eigenvalues"], m["trace"]["hutchpp"]["value"],
+         m["trace"]["hutchinson"]["value"], m["frobenius"]["value"], *m["density"]["density"])
+        for m in (one, two)
+    ]  # fmt: skip
+    assert figures[1] == pytest.approx(figures[0], rel=1e-5, abs=1e-6)  # float32 products, summed in another order
+    assert main(["measure", str(run), "--what", "sharpness", "--nproc-per-node", "2"]) == 2
+    assert "--what sharpness (ρ-sharpness) runs in one process" in capsys.readouterr().err
+
+
 def test_compare_in_two_processes(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     result = _sharpness("compare", *TINY, "--seeds", "1", "--nproc-per-node", "2", "--out", str(out))
@@ -132,6 +192,7 @@ def test_compare_in_two_processes(tmp_path: Path) -> None:
         (["--batch-size", "33"], "the batch size 33 (the global batch) is not divisible by the 2 processes"),
         (["--optimizer", "sam", "--micro-batch", "4"], "micro_batch (--micro-batch) is for one process"),
         (["--nproc-per-node", "0"], "--nproc-per-node must be an integer >= 1, got 0"),
+        (["--fsdp", "--track-sharpness-every", "5"], "cannot measure a model sharded by FSDP (--fsdp)"),
     ],
 )
 def test_settings_processes_cannot_run_are_one_line_errors(

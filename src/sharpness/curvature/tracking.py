@@ -6,6 +6,12 @@ from the previous top eigenvector (so tracking costs a few Hessian-vector produc
 norm ``||g||`` and the edge that applies to the optimizer: ``2/η`` for SGD/GD, the SAM-edge
 ``ηλ(1 + ρλ/||g||) = 2`` for SAM-family optimizers (Cohen et al. 2021; Long & Bartlett 2024). Each measurement is
 a row of ``sharpness.jsonl`` in the run folder; the latest values also go into the epoch's metrics.
+
+In a data-parallel run (DDP, several processes) every process runs the tracker on its contiguous part of the
+measurement set and the Hessian-vector products are all-reduced (``HessianOperator(process_group="default")``), so
+the measurement is that of one process on the whole set; give ``run_dir`` on rank 0 only. Not with a model sharded
+by FSDP2 (its Hessian-vector products would need double backward through the sharded forward): measure the run's
+checkpoint afterwards with ``sharpness measure``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from sharpness.data import num_batches
 from sharpness.optim.sam import SAM
 from sharpness.train.callbacks import Callback
 from sharpness.train.checkpoint import to_json
+from sharpness.train.distributed import shard
 
 if TYPE_CHECKING:
     from sharpness.train.loop import StepOutput, Trainer
@@ -62,6 +69,11 @@ class SharpnessTracker(Callback):
         self._vector: torch.Tensor | None = None
 
     def on_train_start(self, trainer: Trainer) -> None:
+        if trainer.sharded:
+            raise ValueError(
+                "SharpnessTracker does not measure a model sharded by FSDP2; train without it and measure the "
+                "checkpoint afterwards (sharpness measure RUN_DIR)"
+            )
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("".join(to_json(row) + "\n" for row in self.rows))
@@ -75,8 +87,15 @@ class SharpnessTracker(Callback):
         """One measurement now; returns (and records) its row."""
         data = trainer.data
         n = min(self.measure_size, len(data.y_train))
-        batch = (data.x_train[:n].to(trainer.device), data.y_train[:n].to(trainer.device))
-        op = HessianOperator(trainer.model, trainer.loss_fn, batch, mode=self.mode)
+        x, y = shard(data.x_train[:n], data.y_train[:n], trainer.rank, trainer.world_size)
+        group = "default" if trainer.world_size > 1 else None
+        op = HessianOperator(
+            trainer.model,
+            trainer.loss_fn,
+            (x.to(trainer.device), y.to(trainer.device)),
+            mode=self.mode,
+            process_group=group,
+        )
         loss, gradient = op.loss_and_gradient()
         grad_norm = float(gradient.norm())
         result = top_eigenvalues(op, k=1, tol=self.tol, max_iter=self.max_iter, init=self._vector)

@@ -74,6 +74,7 @@ class RunConfig:
     lambda2: float = 1.0  # aesam / aelooksam: threshold c_t at the start
     track_sharpness_every: int | None = None  # measure λ_max, ||g|| and the stability edge every N steps
     micro_batch: int | None = None  # sam / asam: m of m-sharpness (each micro-batch of m gets its own ε)
+    fsdp: bool = False  # with several processes: shard the model with FSDP2 instead of replicating it (DDP)
 
     @property
     def model_name(self) -> str:
@@ -104,6 +105,12 @@ class RunConfig:
             check_integer("k", self.k, minimum=1)
         if self.track_sharpness_every is not None:
             check_integer("track_sharpness_every", self.track_sharpness_every, minimum=1)
+        checks.check_bool(self.fsdp, "fsdp", error=ConfigError)
+        if self.fsdp and self.track_sharpness_every is not None:
+            raise ConfigError(
+                "track_sharpness_every (--track-sharpness-every) cannot measure a model sharded by FSDP (--fsdp); "
+                "train without it and measure the run afterwards with: sharpness measure RUN_DIR"
+            )
         if self.micro_batch is not None:
             check_integer("micro_batch", self.micro_batch, minimum=1)
             if self.optimizer not in MICRO_BATCH_OPTIMIZERS:

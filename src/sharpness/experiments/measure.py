@@ -15,6 +15,12 @@ was minimised) and computes, each with its own generator seeded from ``seed``:
 The numbers and the settings go to ``measure.json`` (``null`` where a figure is undefined, e.g. a standard error
 from one sample); :func:`format_measurements` renders them as the table the CLI prints. The model is a fresh copy
 built for the measurement, and the estimators leave it as they found it.
+
+In a process group of N > 1 processes (``sharpness measure --nproc-per-node N``, or ``torchrun``) every process
+holds its contiguous part of the measurement set and each Hessian-vector product is the all-reduced,
+example-weighted mean of theirs (``HessianOperator(process_group="default")``); the estimators run unchanged with
+the same random vectors on every process, so the figures are those of one process on the whole set (up to the
+rounding of the reduction). Rank 0 writes the files. ρ-sharpness (``sharpness``) runs in one process only.
 """
 
 from __future__ import annotations
@@ -38,9 +44,12 @@ from sharpness.curvature import (
 )
 from sharpness.experiments.config import RunConfig, build_config, check_choice, check_integer, check_number
 from sharpness.experiments.figures import pyplot, save_figure
-from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, LAUNCH_RECORD, build_trainer, load_data
+from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, LAUNCH_RECORD, load_data
+from sharpness.models import build_model
 from sharpness.train import CHECKPOINT_NAME, load_checkpoint, load_weights, read_json, write_json
 from sharpness.train.checkpoint import json_safe
+from sharpness.train.distributed import replica_device, shard, world
+from sharpness.train.loop import loss_function
 
 __all__ = ["DEFAULT_WHAT", "MEASURE_NAME", "DENSITY_FIGURE", "WHAT", "format_measurements", "measure", "parse_what"]
 
@@ -119,23 +128,34 @@ def _load_config(run_dir: Path, device: str | None) -> RunConfig:
 
 
 def _load_model(config: RunConfig, data: Any, checkpoint: Path) -> tuple[torch.nn.Module, Callable, dict[str, Any]]:
-    """The run's model with the checkpoint's weights, and its loss; the global RNG is left as it was."""
+    """The run's model (unwrapped, unsharded, on this process's device) with the checkpoint's weights, and its loss.
+
+    The global RNG is left as it was.
+    """
     state = load_checkpoint(checkpoint)
-    with torch.random.fork_rng(devices=[]):  # build_trainer seeds the global RNG for the initial weights
-        trainer = build_trainer(config, data)
+    with torch.random.fork_rng(devices=[]):  # building a model draws its initial weights
+        model = build_model(config.model_name, input_shape=data.input_shape, num_classes=data.num_classes)
+    model = model.to(replica_device(config.device))
     try:
-        load_weights(trainer.model, state["model"])
+        load_weights(model, state["model"])
     except ValueError as exc:
         raise ValueError(f"the weights in {checkpoint} do not fit the model of {checkpoint.parent}: {exc}") from None
-    return trainer.model, trainer.loss_fn, state
+    return model, loss_function(data.task), state
 
 
-def _measurement_set(data: Any, split: str, size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_out(out_dir: Path, force: bool) -> None:
+    """An earlier ``measure.json`` in ``out_dir`` is an error unless ``force``."""
+    if (out_dir / MEASURE_NAME).exists() and not force:
+        raise ValueError(
+            f"{out_dir / MEASURE_NAME} already exists (an earlier measurement); pass --force to overwrite it, "
+            "or --out DIR to write elsewhere"
+        )
+
+
+def _measurement_set(data: Any, split: str, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = {"train": (data.x_train, data.y_train), "val": (data.x_val, data.y_val), "test": (data.x_test, data.y_test)}[
         split
     ]
-    if x is None:
-        raise ValueError("split 'val' is empty: the run has no validation split (val_split = 0)")
     return x[:size].to(device), y[:size].to(device)
 
 
@@ -203,6 +223,8 @@ def measure(
     device: str | None = None,
     out: str | Path | None = None,
     force: bool = False,
+    check_only: bool = False,
+    processes: int | None = None,
 ) -> dict[str, Any]:
     """Measure the Hessian (and optionally the ρ-sharpness) of a trained run's loss; write ``measure.json``.
 
@@ -228,6 +250,9 @@ def measure(
         out: folder for ``measure.json`` and ``spectral_density.png``; default ``RUN_DIR/measure``.
         force: overwrite the ``measure.json`` (and figure) of an earlier measurement in ``out``; without it an
             existing ``measure.json`` is an error, raised before anything is measured.
+        check_only: make every check that does not need the data (the settings, the folder, its config, an earlier
+            ``measure.json``) and return ``{}`` (the CLI checks this way before it starts N processes).
+        processes: the number of processes the measurement runs in; default the current process group's size.
 
     Returns:
         The contents of ``measure.json``: ``settings``, ``loss``, ``grad_norm`` and one entry per measurement,
@@ -259,23 +284,34 @@ def measure(
         check_number("rho", rho, low=0.0, low_open=True)
     params = [params] if isinstance(params, str) else (list(params) if params else None)
 
+    rank, world_size = world()
+    processes = world_size if processes is None else processes
+    if processes > 1 and "sharpness" in names:
+        raise ValueError(
+            f"--what sharpness (ρ-sharpness) runs in one process, not in {processes}; measure it without "
+            "--nproc-per-node"
+        )
     run_dir, checkpoint = _locate(run_dir)
     config = _load_config(run_dir, device)
     device = config.device
+    if split == "val" and not config.val_split:
+        raise ValueError("split 'val' is empty: the run has no validation split (val_split = 0)")
+    out_dir = Path(out) if out is not None else run_dir / MEASURE_DIR
+    if check_only:
+        _check_out(out_dir, force)
+        return {}
     rho = float(rho) if rho is not None else (config.rho if config.rho > 0 else 0.05)
     adaptive = config.optimizer == "asam" if adaptive is None else bool(adaptive)
     data = load_data(config)
     model, loss_fn, state = _load_model(config, data, checkpoint)
-    x, y = _measurement_set(data, split, measure_size, device)
-    op = HessianOperator(model, loss_fn, (x, y), params=params, backend=backend, mode=mode)
+    x, y = _measurement_set(data, split, measure_size, replica_device(device))
+    num_examples = len(y)
+    x, y = shard(x, y, rank, world_size)
+    group = "default" if world_size > 1 else None
+    op = HessianOperator(model, loss_fn, (x, y), params=params, backend=backend, mode=mode, process_group=group)
     if top_k > op.dim:
         raise ValueError(f"top_k = {top_k} exceeds the number of measured parameters ({op.dim})")
-    out_dir = Path(out) if out is not None else run_dir / MEASURE_DIR
-    if (out_dir / MEASURE_NAME).exists() and not force:  # checked before anything is measured
-        raise ValueError(
-            f"{out_dir / MEASURE_NAME} already exists (an earlier measurement); pass --force to overwrite it, "
-            "or --out DIR to write elsewhere"
-        )
+    _check_out(out_dir, force)  # before anything is measured
 
     result: dict[str, Any] = {
         "run_dir": str(run_dir),
@@ -286,7 +322,8 @@ def measure(
             "what": names,
             "split": split,
             "measure_size": measure_size,
-            "num_examples": len(y),
+            "num_examples": num_examples,
+            "processes": world_size,
             "mode": mode,
             "backend": backend,
             "seed": seed,
@@ -387,6 +424,8 @@ def measure(
         )
 
     result = json_safe(result, non_finite=lambda _: None)
+    if rank != 0:  # rank 0 writes the files
+        return {**result, "files": []}
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / MEASURE_NAME]
     if "density" in result:

@@ -5,8 +5,9 @@ epoch), ``checkpoint.pt`` (the last completed epoch; ``--resume`` continues from
 the run has finished, ``final.json`` (eval-mode metrics on every split and the generalisation gap).
 
 Under ``torchrun`` (a process group of N > 1 processes) every process trains its shard of each global batch and
-rank 0 alone evaluates, tracks sharpness and writes the folder; ``config.json`` also records ``world_size`` and
-``replica_batch`` (the per-process batch, SAM's ``m``).
+rank 0 alone evaluates and writes the folder (every process takes part in sharpness tracking, and with ``fsdp`` in
+evaluation and checkpoints); ``config.json`` also records ``world_size`` and ``replica_batch`` (the per-process
+batch, SAM's ``m``).
 """
 
 from __future__ import annotations
@@ -62,13 +63,13 @@ def load_data(config: RunConfig) -> Dataset:
 def build_trainer(config: RunConfig, data: Dataset, callbacks: Sequence[Callback] = ()) -> Trainer:
     """Model (seeded with ``config.seed``), optimizer, schedule and trainer for ``config``.
 
-    In a process group of several processes the model is wrapped in ``DistributedDataParallel`` before the
-    optimizer is built around it, on ``cuda:LOCAL_RANK`` for a CUDA device.
+    In a process group of several processes the model is wrapped in ``DistributedDataParallel`` (or sharded with
+    FSDP2 when ``config.fsdp``) before the optimizer is built around it, on ``cuda:LOCAL_RANK`` for a CUDA device.
     """
     torch.manual_seed(config.seed)
     device = replica_device(config.device)
     model = build_model(config.model_name, input_shape=data.input_shape, num_classes=data.num_classes)
-    model = distribute(model, device)
+    model = distribute(model, device, fsdp=config.fsdp)
     optimizer = build_optimizer(
         config.optimizer,
         model,
@@ -147,8 +148,8 @@ def run_training(
     (so they can add metrics).
 
     In a process group of several processes (see :mod:`sharpness.train.distributed`) every process calls this
-    with the same arguments; rank 0 alone tracks sharpness, writes the folder and computes the final metrics,
-    and the other ranks return ``{}``. A checkpoint of any number of processes resumes with any other number.
+    with the same arguments; rank 0 alone writes the folder and returns the final metrics, the other ranks return
+    ``{}``. A checkpoint of any number of processes resumes with any other number, sharded or not.
     """
     run_dir = Path(run_dir)
     rank_zero, world_size = is_rank_zero(), world()[1]
@@ -158,10 +159,11 @@ def run_training(
     state = load_checkpoint(run_dir) if resume and (run_dir / CHECKPOINT_NAME).exists() else None
     data = data if data is not None else load_data(config)
     writers: list[Callback] = []
+    if config.track_sharpness_every is not None:  # every process measures its part of the measurement set
+        writers.append(SharpnessTracker(config.track_sharpness_every, run_dir=run_dir if rank_zero else None))
     if rank_zero:
-        if config.track_sharpness_every is not None:
-            writers.append(SharpnessTracker(config.track_sharpness_every, run_dir=run_dir))
-        writers += [MetricsLogger(run_dir), Checkpointer(run_dir, every=config.checkpoint_every)]
+        writers.append(MetricsLogger(run_dir))
+    writers.append(Checkpointer(run_dir, every=config.checkpoint_every))  # writes on rank 0
     # With several processes, building the trainer (DDP's construction) waits for all of them: no process reads
     # the folder after rank 0 starts writing it.
     trainer = build_trainer(config, data, [*callbacks, *writers, *fault_callbacks()])
@@ -179,9 +181,9 @@ def run_training(
             else "no epoch had completed, so there is no checkpoint"
         )
         raise NonFiniteLossError(f"{exc}; {kept}") from None
+    final = trainer.final_metrics() if rank_zero or trainer.sharded else {}  # a sharded model: all evaluate
     if not rank_zero:
         return {}
-    final = trainer.final_metrics()
     write_json(final, run_dir / FINAL_NAME)
     return final
 
@@ -208,7 +210,8 @@ def _check_same_config(path: Path, config: RunConfig) -> None:
     saved.pop("kind", None)
     # threads and device only decide where and how fast the run computes, not what it computes.
     current = {key: value for key, value in dataclasses.asdict(config).items() if key not in ("threads", "device")}
-    differing = sorted(key for key, value in current.items() if saved.get(key) != value)
+    defaults = dataclasses.asdict(RunConfig())  # a setting added after the run was saved has its default there
+    differing = sorted(key for key, value in current.items() if saved.get(key, defaults[key]) != value)
     if differing:
         raise ConfigError(
             f"cannot resume {path.parent}: the settings differ from the saved run in {differing}; "

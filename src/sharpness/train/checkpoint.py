@@ -164,8 +164,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def load_weights(model: nn.Module, weights: Any) -> None:
-    """``model.load_state_dict(weights)``, or a one-line ``ValueError`` saying how the weights do not fit."""
+def load_weights(model: nn.Module, weights: Any, *, load: bool = True) -> None:
+    """``model.load_state_dict(weights)``, or a one-line ``ValueError`` saying how the weights do not fit.
+
+    With ``load=False`` only the check is made (a sharded model loads its shards of the weights another way).
+    """
     if not isinstance(weights, dict):
         raise ValueError(f"the model weights are a {type(weights).__name__}, not a dict of tensors")
     expected = model.state_dict()
@@ -183,7 +186,8 @@ def load_weights(model: nn.Module, weights: Any) -> None:
     ]
     if problems:
         raise ValueError(f"the weights do not fit the {type(model).__name__} model: {'; '.join(problems)}")
-    model.load_state_dict(weights)
+    if load:
+        model.load_state_dict(weights)
 
 
 def _some(keys: list[str], shown: int = 3) -> str:

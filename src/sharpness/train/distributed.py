@@ -6,7 +6,9 @@ The loop's side of data-parallel training (the optimizer's side is :mod:`sharpne
   ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``): gloo on CPU, nccl on CUDA, each collective with a
   timeout (:data:`TIMEOUT_ENV`, 30 minutes by default), so a peer that stops answering is an error, never a hang.
 - :func:`distribute` wraps the model in :class:`~torch.nn.parallel.DistributedDataParallel` when the group has
-  several processes; the optimizer is then built around the wrapper (SAM's first pass needs its ``no_sync``).
+  several processes, or shards it with FSDP2 (``fully_shard``, :func:`shard_model`); the optimizer is then built
+  around the wrapper (SAM's first pass needs DDP's ``no_sync``). :func:`full_state` and :func:`load_full_state` give
+  a sharded run checkpoints of the same layout as an unsharded one.
 - :func:`shard`: every process draws the same shuffled order of the *global* batches (same seed) and takes its
   contiguous part of each, so N processes see, step by step, the data that one process sees.
 - :func:`all_reduce_sums` makes the training metrics global; :func:`agree` gives every process rank 0's choice.
@@ -28,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
 
 from sharpness.train.callbacks import Callback
 
@@ -110,24 +113,117 @@ def replica_device(device: str | torch.device) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def distribute(model: nn.Module, device: str | torch.device) -> nn.Module:
+def distribute(model: nn.Module, device: str | torch.device, *, fsdp: bool = False) -> nn.Module:
     """``model`` on ``device``, wrapped in ``DistributedDataParallel`` when the default group has several processes.
 
-    A model that is already a ``DistributedDataParallel`` module is returned as it is. DDP's defaults are kept:
-    the buffers (BatchNorm statistics) are broadcast from rank 0 at every forward, so the replicas stay equal.
+    With ``fsdp=True`` the model is sharded with FSDP2 instead (:func:`shard_model`). A model that is already a
+    ``DistributedDataParallel`` or FSDP2 module is returned as it is, and so is any model in a single process. DDP's
+    defaults are kept: the buffers (BatchNorm statistics) are broadcast from rank 0 at every forward, so the
+    replicas stay equal (the training loop does the same for a sharded model: :func:`sync_buffers`).
     """
-    if isinstance(model, DistributedDataParallel):
+    if isinstance(model, DistributedDataParallel) or is_sharded_module(model):
         return model
     device = torch.device(device)
     model = model.to(device)
     if world()[1] == 1:
         return model
+    if fsdp:
+        return shard_model(model)
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` wrapper (any other module as it is)."""
+    """The module inside a ``DistributedDataParallel`` wrapper (any other module, FSDP2's included, as it is)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+
+def is_sharded_module(model: nn.Module) -> bool:
+    """Whether ``model`` was sharded by FSDP2's ``fully_shard`` (its parameters are ``DTensor`` shards)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """Shard ``model`` (already on its device) over the default group with FSDP2, one unit per top-level child.
+
+    Each direct child that holds parameters (a layer of an MLP, a stage of a ResNet) is its own ``fully_shard``
+    unit, so only one unit's full parameters exist at a time in forward and backward; the root takes the rest.
+    Buffers are not sharded: every process keeps its own copy (see :func:`sync_buffers`).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (world()[1],))
+    for child in model.children():
+        if next(child.parameters(), None) is not None:
+            fully_shard(child, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Broadcast ``model``'s buffers (BatchNorm's running statistics) from rank 0, as DDP does before each forward.
+
+    Under FSDP2 each process updates its copy of the buffers with its own shard of the batch; without this the
+    replicas' running statistics would drift apart and evaluation would depend on the rank.
+    """
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def full_state(model: nn.Module, optimizer: Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The full (unsharded) state dicts of a sharded ``model`` and its ``optimizer``, on rank 0's CPU.
+
+    A collective: every process must call it; the other processes get empty dicts. The optimizer's state is
+    returned in torch's own layout (parameters numbered in the order of its ``param_groups``), so a checkpoint of
+    a sharded run is read like any other (and resumes with or without sharding, with any number of processes).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    if not optimizer_state:
+        return model_state, optimizer_state
+    index = {name: number for number, name in enumerate(_parameter_names(model, optimizer))}
+    return model_state, _renumber(optimizer_state, index)
+
+
+def load_full_state(
+    model: nn.Module, optimizer: Optimizer, model_state: dict[str, Any], optimizer_state: dict[str, Any]
+) -> None:
+    """Load full state dicts (every process holds them, e.g. read from the same checkpoint) into a sharded model.
+
+    The inverse of :func:`full_state`: each process keeps its own shards.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    names = dict(enumerate(_parameter_names(model, optimizer)))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=_renumber(optimizer_state, names),
+        options=StateDictOptions(full_state_dict=True),
+    )
+
+
+def _parameter_names(model: nn.Module, optimizer: Optimizer) -> list[str]:
+    """The fully qualified name of every parameter of ``optimizer``, in the order of its ``param_groups``."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+
+
+def _renumber(state: dict[str, Any], key: dict[Any, Any]) -> dict[str, Any]:
+    """An optimizer state dict with every parameter key (in ``state`` and the groups' ``params``) mapped by ``key``:
+    numbers to names (torch's layout to ``torch.distributed.checkpoint``'s) or back."""
+    groups = [{**group, "params": [key[param] for param in group["params"]]} for group in state["param_groups"]]
+    return {**state, "state": {key[param]: value for param, value in state["state"].items()}, "param_groups": groups}
 
 
 def check_global_batch(

@@ -10,8 +10,8 @@ Determinism: batches are shuffled and augmented with the loop's own ``torch.Gene
 and the history, so a run resumed from a checkpoint continues bit-identically.
 
 Data parallelism: inside an initialised process group of N > 1 processes (``torchrun``), the model is wrapped in
-``DistributedDataParallel`` and each process trains on its shard of every global batch (see
-:mod:`sharpness.train.distributed`); ``batch_size`` stays the global batch.
+``DistributedDataParallel`` (or passed in sharded by FSDP2) and each process trains on its shard of every global
+batch (see :mod:`sharpness.train.distributed`); ``batch_size`` stays the global batch.
 """
 
 from __future__ import annotations
@@ -31,9 +31,25 @@ from sharpness.checks import check_integer
 from sharpness.data import Dataset, iterate_batches, num_batches
 from sharpness.train.callbacks import Callback
 from sharpness.train.checkpoint import load_weights
-from sharpness.train.distributed import all_reduce_sums, check_global_batch, distribute, shard, unwrap, world
+from sharpness.train.distributed import (
+    all_reduce_sums,
+    check_global_batch,
+    distribute,
+    full_state,
+    is_sharded_module,
+    load_full_state,
+    shard,
+    sync_buffers,
+    unwrap,
+    world,
+)
 
 _SEED_OFFSET_AUGMENT = 1_000_003  # a second, unrelated stream for augmentation
+
+
+def loss_function(task: str) -> Callable[..., Tensor]:
+    """The training loss of a task: cross-entropy for ``"classification"``, mean squared error for regression."""
+    return nn.functional.cross_entropy if task == "classification" else nn.functional.mse_loss
 
 
 class NonFiniteLossError(RuntimeError):
@@ -100,7 +116,11 @@ class Trainer:
 
     With several processes the training metrics are global (summed over the processes, one small all-reduce per
     step), evaluation runs on rank 0 only (other ranks' epoch records have no evaluation keys) and callbacks run on
-    every process: attach the ones that write files on rank 0 only.
+    every process: attach the ones that write files on rank 0 only. A model sharded by FSDP2
+    (:func:`~sharpness.train.distributed.shard_model`; :attr:`sharded`) needs every process for a forward pass:
+    then every process evaluates its share of each split (the sums are all-reduced), :meth:`state_dict` gathers
+    the full weights and optimizer state on rank 0 (every process must call it), and the buffers (BatchNorm
+    statistics) are broadcast from rank 0 before each step, as DDP does.
     """
 
     def __init__(
@@ -132,6 +152,7 @@ class Trainer:
         self.device = torch.device(device)
         self.train_module = distribute(model, self.device)
         self.model = unwrap(self.train_module)
+        self.sharded = is_sharded_module(self.train_module)
         self.optimizer = optimizer
         self.data = data
         self.epochs = epochs
@@ -139,7 +160,7 @@ class Trainer:
         self.scheduler = scheduler
         self.callbacks = list(callbacks)
         self.eval_batch_size = eval_batch_size
-        self.loss_fn = nn.functional.cross_entropy if data.task == "classification" else nn.functional.mse_loss
+        self.loss_fn = loss_function(data.task)
         self.shuffle_generator = torch.Generator().manual_seed(seed)
         self.augment_generator = torch.Generator().manual_seed(seed + _SEED_OFFSET_AUGMENT)
         self.state = TrainState()
@@ -170,6 +191,8 @@ class Trainer:
         self.train_module.train()
         loss_sum, correct, seen = 0.0, 0, 0
         for x, y, weight in self._epoch_batches():
+            if self.sharded:
+                sync_buffers(self.model)
             loss, outputs, targets, passes = self._step(x, y, weight)
             hits = int((outputs.argmax(1) == targets).sum()) if self.data.task == "classification" else 0
             step_sum, step_correct, step_seen = all_reduce_sums([loss.item() * len(y), hits, len(y)], self.device)
@@ -267,13 +290,18 @@ class Trainer:
     def evaluate(self, x: Tensor, y: Tensor) -> dict[str, float]:
         """Mean loss (and accuracy for classification) of the model in eval mode; the mode is restored.
 
-        It runs the unwrapped :attr:`model` in this process alone (no collective), so a single process can call it.
+        It runs the unwrapped :attr:`model` in this process alone (no collective), so a single process can call it;
+        except for a :attr:`sharded` model, which every process must evaluate together: each takes its part of every
+        batch of ``eval_batch_size`` × processes examples (so all run the same number of forward passes) and the sums
+        are all-reduced.
         """
+        processes = self.world_size if self.sharded else 1
         was_training = self.model.training
         self.model.eval()
         try:
             loss_sum, correct = 0.0, 0
-            for xb, yb in iterate_batches(x, y, self.eval_batch_size, shuffle=False):
+            for xb, yb in iterate_batches(x, y, self.eval_batch_size * processes, shuffle=False):
+                xb, yb = shard(xb, yb, self.rank, processes)
                 xb, yb = xb.to(self.device), yb.to(self.device)
                 outputs = self.model(xb)
                 loss_sum += float(self.loss_fn(outputs, yb, reduction="sum"))
@@ -281,6 +309,8 @@ class Trainer:
                     correct += int((outputs.argmax(1) == yb).sum())
         finally:
             self.model.train(was_training)
+        if self.sharded:
+            loss_sum, correct = all_reduce_sums([loss_sum, correct], self.device)
         metrics = {"loss": loss_sum / (len(y) * (1 if self.data.task == "classification" else y[0].numel()))}
         if self.data.task == "classification":
             metrics["acc"] = correct / len(y)
@@ -299,7 +329,7 @@ class Trainer:
         splits = [("test", self.data.x_test, self.data.y_test)]
         if self.data.x_val is not None:
             splits.insert(0, ("val", self.data.x_val, self.data.y_val))
-        for split, x, y in splits if self.rank == 0 else ():  # evaluation: on rank 0 only
+        for split, x, y in splits if self.rank == 0 or self.sharded else ():  # evaluation: on rank 0 only
             for key, value in self.evaluate(x, y).items():
                 record[f"{split}_{key}"] = value
         statistics = getattr(self.optimizer, "statistics", None)
@@ -347,12 +377,20 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs to continue bit-identically."""
+        """Everything a resumed run needs to continue bit-identically.
+
+        For a :attr:`sharded` model every process must call it (it gathers the full weights and optimizer state,
+        :func:`~sharpness.train.distributed.full_state`); rank 0's holds them, in the layout of an unsharded run.
+        """
+        if self.sharded:
+            model_state, optimizer_state = full_state(self.model, self.optimizer)
+        else:
+            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
         state = {
             "format": 1,
             "train_state": asdict(self.state),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "shuffle_generator": self.shuffle_generator.get_state(),
             "augment_generator": self.augment_generator.get_state(),
@@ -368,8 +406,11 @@ class Trainer:
 
         Raises a one-line ``ValueError`` when the weights do not fit the model (a checkpoint of another run).
         """
-        load_weights(self.model, state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_weights(self.model, state["model"], load=not self.sharded)
+        if self.sharded:
+            load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         if (state["scheduler"] is None) != (self.scheduler is None):
             raise ValueError("the checkpoint and this run disagree on whether an LR scheduler is used")
         if self.scheduler is not None:
