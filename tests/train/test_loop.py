@@ -307,31 +307,3 @@ def test_callback_state_is_saved_by_name_and_required_on_resume(tmp_path: Path) 
     assert fresh.steps == trainer.state.step
     with pytest.raises(ValueError, match="Counter"):
         _trainer(data, epochs=2).load_state_dict(saved)
-
-
-def test_metrics_logger_writes_tensorboard_scalars_when_available(tmp_path: Path, monkeypatch) -> None:
-    """With tensorboard importable, every numeric metric of every epoch goes to a SummaryWriter."""
-    import sys
-    import types
-
-    calls: list[tuple[str, float, int]] = []
-
-    class FakeWriter:
-        def __init__(self, log_dir: str) -> None:
-            self.log_dir = log_dir
-
-        def add_scalar(self, tag: str, value: float, step: int) -> None:
-            calls.append((tag, value, step))
-
-        def flush(self) -> None: ...
-
-        def close(self) -> None:
-            calls.append(("closed", 0.0, 0))
-
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
-    trainer = _trainer(_data(), epochs=2, callbacks=[MetricsLogger(tmp_path)])
-    trainer.fit()
-    for record in trainer.state.history:
-        logged = {tag: value for tag, value, step in calls if step == record["epoch"] and tag != "closed"}
-        assert logged == {k: v for k, v in record.items() if k != "epoch"}
-    assert calls[-1][0] == "closed"

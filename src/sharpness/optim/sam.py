@@ -164,17 +164,10 @@ class SAM(Optimizer):
             raise TypeError(f"SAM: reuse must be None or a LookSAMReuse, got {type(reuse).__name__}")
         self.policy = policy if policy is not None else Always()
         self.reuse = reuse
-        self._sync = self._replica_sync(model, epsilon_from)
         self._shard = shard_reduce(self.param_groups)  # FSDP2: reductions over the ranks holding the shards
-        if self._shard is not None and self._sync is not None:
-            raise ValueError(
-                "SAM: a DistributedDataParallel model with sharded (fully_shard) parameters is not supported"
-            )
-        # whether the current first gradient is this replica's own (not all-reduced): the two-step API's contract
-        self._first_pass_local = self._sync is not None and self._sync.local_first_pass
-        self._bn_guard = BatchNormStatsGuard(model) if model is not None else None
-        self._snapshots: dict[tuple[Any, ...], TensorSnapshot] = {}
         self._phase: Phase = "idle"
+        self.attach_model(model, epsilon_from)
+        self._snapshots: dict[tuple[Any, ...], TensorSnapshot] = {}
         self._decision: bool | None = None  # the policy's answer for the current step, once asked
         self._grad_norm: float | None = None  # ||g||_2 of the current step's first gradient, unscaled, once known
         self._via_scaler = False  # step() is being called by GradScaler.step, which checked finiteness
@@ -210,6 +203,25 @@ class SAM(Optimizer):
         if not isinstance(base, Optimizer):
             raise TypeError(f"SAM: base_optimizer must build a torch.optim.Optimizer, got {type(base).__name__}")
         return base
+
+    def attach_model(self, model: nn.Module | None, epsilon_from: EpsilonFrom = "replica") -> None:
+        """Give SAM the model it trains, as the constructor's ``model=`` and ``epsilon_from=`` do, after construction.
+
+        For frameworks that wrap the model in :class:`~torch.nn.parallel.DistributedDataParallel` after the
+        optimizer is built (Lightning: :class:`sharpness.integrations.lightning.SAMCallback`). Replaces the model
+        given before; ``None`` detaches it. Not allowed in the middle of a step.
+        """
+        if self._phase != "idle":
+            raise RuntimeError("SAM.attach_model() called in the middle of a step; call it between steps")
+        sync = self._replica_sync(model, epsilon_from)
+        if self._shard is not None and sync is not None:
+            raise ValueError(
+                "SAM: a DistributedDataParallel model with sharded (fully_shard) parameters is not supported"
+            )
+        self._sync = sync
+        # whether the current first gradient is this replica's own (not all-reduced): the two-step API's contract
+        self._first_pass_local = self._sync is not None and self._sync.local_first_pass
+        self._bn_guard = BatchNormStatsGuard(model) if model is not None else None
 
     def _replica_sync(self, model: nn.Module | None, epsilon_from: EpsilonFrom) -> ReplicaSync | None:
         """Data parallelism (``model`` a DDP module): check the policy can stay consistent, share its randomness."""
@@ -464,6 +476,16 @@ class SAM(Optimizer):
         self.restore()
         self._skip(None)
 
+    def discard_step(self) -> None:
+        """Drop the current step if one is unfinished: weights restored, no base step, the policy rolled back.
+
+        A no-op between finished steps. For loops in which ``scaler.step(opt)`` may skip ``step()`` (inf/NaN
+        gradients) after :meth:`wants_sam_step` answered ``False``: SAM cannot tell that step from the next one, so
+        call this before the next step's :meth:`wants_sam_step` (a SAM step left open is dropped automatically).
+        """
+        if self._phase != "idle" or self._decision is not None:
+            self._abandon_step()
+
     # ------------------------------------------------------------------ finishing a step
 
     @_eager
@@ -591,6 +613,8 @@ class SAM(Optimizer):
 
         Without a closure, ``step()`` finishes a step whose passes were run outside: after the perturbed pass
         (``with opt.perturbed(): ...``) it is :meth:`second_step`; this is also what ``scaler.step(opt)`` calls.
+        After :meth:`wants_sam_step` answered ``False`` it is :meth:`erm_step` (for loops that call ``step()`` or
+        ``scaler.step(opt)`` themselves, such as ``transformers.Trainer``'s).
         With every gradient exactly zero it runs the base optimizer's step alone (ε̂ = 0, so this *is* the SAM
         step; ``torch.distributed.checkpoint`` initialises optimizer state this way) without counting a step.
         Otherwise it is an error: SAM cannot take a step from one gradient.
@@ -601,11 +625,7 @@ class SAM(Optimizer):
         self._begin_step()
         loss, buckets = self._first_pass(closure)
         if not self._decide_once(buckets):
-            if self._first_gradient_finite(buckets):
-                self._average_local_gradients(buckets)
-                self._finish_erm_step(buckets)
-            else:
-                self._skip(None)
+            self._erm_or_skip(buckets)
             return loss
         perturbed = self._perturb(buckets, 1.0)
         del buckets  # the first pass's gradients are freed before the second pass
@@ -644,6 +664,8 @@ class SAM(Optimizer):
             self._skip(None)
         elif self._phase == "perturbed":
             raise RuntimeError("SAM.step() called while perturbed; run the second pass, then second_step()")
+        elif self._decision is False:  # wants_sam_step() answered ERM; the loop calls step() / scaler.step(opt)
+            self._erm_or_skip(self._require_buckets("step"))
         elif self._all_gradients_zero():
             self.base_optimizer.step()
         else:
@@ -652,6 +674,14 @@ class SAM(Optimizer):
                 "and at w + ε); or use first_step()/second_step(), or the perturbed() context manager followed "
                 "by step()"
             )
+
+    def _erm_or_skip(self, buckets: list[Bucket]) -> None:
+        """The ERM step on the held first gradient; a skipped step when it is not finite (on some replica)."""
+        if self._first_gradient_finite(buckets):
+            self._average_local_gradients(buckets)
+            self._finish_erm_step(buckets)
+        else:
+            self._skip(None)
 
     def _all_gradients_zero(self) -> bool:
         buckets = self._buckets()

@@ -47,6 +47,12 @@ class MetricsLogger(Callback):
 
     At the start of :meth:`Trainer.fit` both files are rewritten from the trainer's history, so a resumed run
     has exactly one row per epoch (the rows of epochs after the checkpoint are dropped).
+
+    TensorBoard (``pip install "sharpness[tensorboard]"``): every numeric metric is a scalar of that name at step
+    = epoch, in ``run_dir/tensorboard`` (``tensorboard --logdir run_dir``). Each :meth:`Trainer.fit` opens a new
+    event file that purges the steps from the first epoch it trains on, so TensorBoard shows what the files show:
+    a resumed run hides the events that epochs after its checkpoint had logged, a run started afresh in the same
+    folder hides the earlier run's.
     """
 
     def __init__(self, run_dir: str | Path, *, tensorboard: bool = True) -> None:
@@ -68,13 +74,15 @@ class MetricsLogger(Callback):
             for record in trainer.state.history:
                 handle.write(to_json(record) + "\n")
         self._write_csv(trainer.state.history)
-        if self.tensorboard and self._writer is None:
+        self._close_writer()  # a writer left open by a fit() that raised
+        if self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
                 self.tensorboard = False
             else:
-                self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+                log_dir = str(self.run_dir / "tensorboard")
+                self._writer = SummaryWriter(log_dir=log_dir, purge_step=trainer.state.epoch + 1)
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         with self.jsonl_path.open("a") as handle:
@@ -87,6 +95,9 @@ class MetricsLogger(Callback):
             self._writer.flush()
 
     def on_train_end(self, trainer: Trainer) -> None:
+        self._close_writer()
+
+    def _close_writer(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -103,8 +114,9 @@ class Checkpointer(Callback):
     """Write the trainer's full state to ``run_dir/checkpoint.pt`` atomically every ``every`` epochs.
 
     Only completed, finite epochs are saved (the loop raises before an epoch with a NaN loss ends), so the file
-    always holds the last good state. The final epoch is always saved. At the start of training the temp files
-    of writes that a killed process left in the folder are removed.
+    always holds the last good state. The final epoch is always saved. At the start of training the temp files of
+    writes that a killed process left in the folder are removed. With several processes attach it to every process
+    (a sharded model's state is gathered by all of them); rank 0 alone writes.
     """
 
     def __init__(self, run_dir: str | Path, *, every: int = 1) -> None:
@@ -114,8 +126,11 @@ class Checkpointer(Callback):
         self.every = every
 
     def on_train_start(self, trainer: Trainer) -> None:
-        remove_stale_temps(self.path.parent)
+        if trainer.rank == 0:
+            remove_stale_temps(self.path.parent)
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if record["epoch"] % self.every == 0 or record["epoch"] == trainer.epochs:
-            save_checkpoint(trainer.state_dict(), self.path)
+            state = trainer.state_dict()  # with a sharded model a collective: every process gathers, rank 0 writes
+            if trainer.rank == 0:
+                save_checkpoint(state, self.path)
