@@ -230,18 +230,31 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return q1, median, q3
 
 
+def interleaved_times(
+    step_fns: dict[str, Step], steps: int, repeats: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Per contender, ms per step of each of ``repeats`` blocks of ``steps`` steps, after ``warmup`` steps each.
+
+    The blocks are interleaved (one block of every contender per repeat) and the first contender rotates from repeat
+    to repeat, so slow phases of the machine hit all contenders alike.
+    """
+    for step in step_fns.values():
+        for _ in range(warmup):
+            step()
+    names = list(step_fns)
+    raw: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            raw[name].append(time_block(step_fns[name], steps, device) * 1e3)
+    return raw
+
+
 def bench_workload(work: Workload, steps: int, repeats: int, warmup: int) -> dict[str, Any]:
     """Warm up, then ``repeats`` interleaved blocks per contender; per-step times in ms with summaries."""
     models = {name: copy.deepcopy(work.model) for name in CONTENDERS}
     step_fns = {name: make_step(name, models[name], work.x, work.y) for name in CONTENDERS}
-    for step in step_fns.values():
-        for _ in range(warmup):
-            step()
-    raw: dict[str, list[float]] = {name: [] for name in CONTENDERS}
-    for repeat in range(repeats):
-        shift = repeat % len(CONTENDERS)
-        for name in CONTENDERS[shift:] + CONTENDERS[:shift]:
-            raw[name].append(time_block(step_fns[name], steps, work.x.device) * 1e3)
+    raw = interleaved_times(step_fns, steps, repeats, warmup, work.x.device)
     for name, model in models.items():  # a non-finite gradient would make SAM skip work: timings invalid
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             raise SystemExit(f"{work.name}/{name}: weights became non-finite during timing; lower LR")
@@ -350,18 +363,23 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
                 f"{ours['sam_only_ms']:.2f} / {po['sam_only_ms']:.2f}",
             ]
         )
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
-    print("\n" + line + "\n" + "-" * len(line))
-    for row in rows:
-        print(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
-    print("(times: median per step over repeats ± half the interquartile range)\n")
+    print_grid(headers, rows)
     for name, res in results.items():
         verdict = "PASS" if res["pass"] else "FAIL"
         print(
             f"target {name}: ours/PO = {res['ours_over_po']:.3f} <= {res['target_ours_over_po_max']:.2f}: "
             f"{verdict}  (median of per-repeat ratios {res['ours_over_po_paired_median']:.3f})"
         )
+
+
+def print_grid(headers: list[str], rows: list[list[str]]) -> None:
+    """A left-aligned ``|`` table of timing cells, with the note on what a cell shows."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    print("\n" + line + "\n" + "-" * len(line))
+    for row in rows:
+        print(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    print("(times: median per step over repeats ± half the interquartile range)\n")
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -48,6 +48,9 @@ def test_compare_through_the_entry_point_writes_a_consistent_run_folder(tmp_path
         shown = f"{100 * row['test_acc_mean']:.2f} ± {100 * row['test_acc_ci95']:.2f}"
         assert shown in result.stdout
         assert shown in (out / "report.html").read_text()
+        assert row["train_cpu_seconds_mean"] > 0
+        assert ("sam_loss_rise_mean" in row) == (row["optimizer"] == "sam")  # SAM's L(w+ε) − L(w), last epoch
+    assert "CPU s" in result.stdout and "L(w+ε)−L(w)" in result.stdout
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "%|" not in result.stderr  # --quiet: no progress bar
 

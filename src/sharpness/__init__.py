@@ -1,6 +1,6 @@
 """sharpness: sharpness-aware training (the SAM optimizer family) and sharpness analysis for PyTorch.
 
-The top level re-exports :mod:`sharpness.optim` (``SAM``, the presets, policies, reuse and ``frozen_bn``).
+The top level re-exports :mod:`sharpness.optim` (``SAM``, ``MSAM``, the presets, policies, reuse and ``frozen_bn``).
 """
 
 from sharpness.optim import *  # noqa: F403

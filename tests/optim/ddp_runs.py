@@ -15,8 +15,8 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from sharpness import AESAM, SAM, AELookSAM, LookSAM, PeriodicSAM, RandomSAM
-from sharpness.optim.policy import Policy
+from sharpness import AESAM, SAM, AELookSAM, LateSAM, LookSAM, PeriodicSAM, RandomSAM
+from sharpness.optim.policy import Adaptive, Policy
 
 STEPS = 6
 BASE = dict(lr=0.05, momentum=0.9)
@@ -28,6 +28,10 @@ PRESETS: dict[str, Callable[..., SAM]] = {
     "looksam": lambda ps, **kw: LookSAM(ps, torch.optim.SGD, k=2, alpha=0.5, **BASE, **kw),
     "randomsam": lambda ps, **kw: RandomSAM(ps, torch.optim.SGD, prob=0.5, seed=7, **BASE, **kw),
     "periodicsam": lambda ps, **kw: PeriodicSAM(ps, torch.optim.SGD, k=2, **BASE, **kw),
+    "latesam": lambda ps, **kw: LateSAM(ps, torch.optim.SGD, start=0.5, total_steps=STEPS, **BASE, **kw),
+    "lateaesam": lambda ps, **kw: LateSAM(
+        ps, torch.optim.SGD, start=0.3, then=Adaptive(), total_steps=STEPS, **BASE, **kw
+    ),
 }
 
 
@@ -128,6 +132,9 @@ def scenario_allreduce_counts(rank: int, world_size: int) -> dict[str, int]:
         "sam_global": lambda ps, ddp: SAM(ps, torch.optim.SGD, model=ddp, epsilon_from="global", **BASE),
         "aesam_erm": lambda ps, ddp: AESAM(ps, torch.optim.SGD, model=ddp, lambda2=50.0, total_steps=100, **BASE),
         "periodicsam_erm": lambda ps, ddp: PeriodicSAM(ps, torch.optim.SGD, model=ddp, k=2, **BASE),
+        "lateaesam_erm": lambda ps, ddp: LateSAM(
+            ps, torch.optim.SGD, model=ddp, then=Adaptive(), total_steps=4, **BASE
+        ),
     }.items():
         ddp = DistributedDataParallel(model())
         calls = [0]

@@ -65,6 +65,7 @@ def test_gradient_allreduces_per_step(ranks) -> None:
     assert counts["sam"] == counts["sgd"]  # per-replica ε: only the second pass all-reduces
     assert counts["sam_global"] == 2 * counts["sgd"]
     assert counts["periodicsam_erm"] == counts["sgd"]  # an ERM step: the first pass is all-reduced by DDP
+    assert counts["lateaesam_erm"] == counts["sgd"]  # before the late phase: decided before the pass, no ||g||
     assert counts["aesam_erm"] == 0  # decided after a per-replica pass: SAM averages the gradient itself (once)
 
 

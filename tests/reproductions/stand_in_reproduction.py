@@ -1,4 +1,5 @@
-"""A stand-in reproduction for testing the framework: one figure, a passing and an optional failing claim."""
+"""A stand-in reproduction for testing the framework: one figure, a passing claim, optional failing and undecidable
+claims."""
 
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from sharpness.reproductions.base import Check, Reproduction  # noqa: E402
 
 FAIL = {"value": False}
+UNDECIDED = {"value": False}
 
 
 def run(out_dir: Path, quick: bool, seed: int) -> Reproduction:
@@ -21,6 +23,8 @@ def run(out_dir: Path, quick: bool, seed: int) -> Reproduction:
     checks = [Check("one plus one is two", 1 + 1 == 2, "1 + 1 = 2")]
     if FAIL["value"]:
         checks.append(Check("pi is rational", False, "it is not"))
+    if UNDECIDED["value"]:
+        checks.append(Check("two seeds settle it", True, "a CI over 2 seeds", decided=False))
     return Reproduction(
         name="stand-in",
         title="Stand-in",

@@ -28,6 +28,7 @@ from sharpness.curvature.eigen import top_eigenvalues
 from sharpness.curvature.operator import HessianOperator
 from sharpness.curvature.state import Mode
 from sharpness.data import num_batches
+from sharpness.optim.msam import unperturbed_weights
 from sharpness.optim.sam import SAM
 from sharpness.train.callbacks import Callback
 from sharpness.train.checkpoint import to_json
@@ -84,21 +85,23 @@ class SharpnessTracker(Callback):
             self.measure(trainer, step.step, step.epoch)
 
     def measure(self, trainer: Trainer, step: int, epoch: int) -> dict[str, Any]:
-        """One measurement now; returns (and records) its row."""
+        """One measurement now, at the unperturbed weights (:func:`~sharpness.optim.msam.unperturbed_weights`:
+        MSAM keeps the parameters perturbed between steps); returns (and records) its row."""
         data = trainer.data
         n = min(self.measure_size, len(data.y_train))
         x, y = shard(data.x_train[:n], data.y_train[:n], trainer.rank, trainer.world_size)
         group = "default" if trainer.world_size > 1 else None
-        op = HessianOperator(
-            trainer.model,
-            trainer.loss_fn,
-            (x.to(trainer.device), y.to(trainer.device)),
-            mode=self.mode,
-            process_group=group,
-        )
-        loss, gradient = op.loss_and_gradient()
-        grad_norm = float(gradient.norm())
-        result = top_eigenvalues(op, k=1, tol=self.tol, max_iter=self.max_iter, init=self._vector)
+        with unperturbed_weights(trainer.optimizer):
+            op = HessianOperator(
+                trainer.model,
+                trainer.loss_fn,
+                (x.to(trainer.device), y.to(trainer.device)),
+                mode=self.mode,
+                process_group=group,
+            )
+            loss, gradient = op.loss_and_gradient()
+            grad_norm = float(gradient.norm())
+            result = top_eigenvalues(op, k=1, tol=self.tol, max_iter=self.max_iter, init=self._vector)
         self._vector = result.eigenvectors[0].detach()
         lam = float(result.eigenvalues[0])
         edge, kind = self._edge(trainer, grad_norm)

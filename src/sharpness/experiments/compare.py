@@ -17,7 +17,7 @@ from typing import Any
 from sharpness.experiments.config import CompareConfig, RunConfig
 from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, check_settings, run_training
 from sharpness.experiments.stats import mean_ci95
-from sharpness.optim.registry import SAM_FAMILY
+from sharpness.optim.registry import RHO_OPTIMIZERS
 from sharpness.train import CHECKPOINT_NAME, Callback, read_json, write_json
 from sharpness.train.checkpoint import nan_for_null, remove_stale_temps
 from sharpness.train.distributed import barrier, is_rank_zero, world
@@ -27,14 +27,14 @@ RUNS_DIR = "runs"
 
 
 def run_label(config: RunConfig) -> str:
-    rho = f"-rho{config.rho:g}" if config.optimizer in SAM_FAMILY else ""
+    rho = f"-rho{config.rho:g}" if config.optimizer in RHO_OPTIMIZERS else ""
     return f"{config.optimizer}{rho}-seed{config.seed}"
 
 
 def plan_runs(config: CompareConfig) -> Iterator[RunConfig]:
     """Every run of the comparison, in the order they are trained."""
     for optimizer in config.optimizers:
-        grid = config.rho_grid if config.rho_grid and optimizer in SAM_FAMILY else [config.run.rho]
+        grid = config.rho_grid if config.rho_grid and optimizer in RHO_OPTIMIZERS else [config.run.rho]
         for rho in grid:
             for seed in range(config.first_seed, config.first_seed + config.seeds):
                 yield dataclasses.replace(
@@ -161,13 +161,13 @@ def _row(optimizer: str, rho: float, group: list[dict[str, Any]], classification
     finals = [run["final"] for run in group]
     row: dict[str, Any] = {
         "optimizer": optimizer,
-        "rho": rho if optimizer in SAM_FAMILY else None,
+        "rho": rho if optimizer in RHO_OPTIMIZERS else None,
         "epochs": group[0]["config"]["epochs"],
         "seeds": len(group),
         "runs": [run["label"] for run in group],
     }
     metrics = ["test_acc", "test_loss", "train_loss", "train_acc", "gap", "train_seconds", "sam_fraction"]
-    metrics += ["passes_per_step", "train_clean_acc", "val_acc", "val_loss"]
+    metrics += ["passes_per_step", "train_clean_acc", "val_acc", "val_loss", "train_cpu_seconds", "sam_loss_rise"]
     for key in metrics:
         values = [final[key] for final in finals if key in final]
         if len(values) == len(finals):
@@ -182,9 +182,9 @@ def format_table(summary: dict[str, Any]) -> str:
     classification = summary["task"] == "classification"
     header = ["optimizer", "rho", "epochs", "seeds"]
     header += ["test acc % (95% CI)"] if classification else ["test loss (95% CI)"]
-    header += ["train loss", "gap" + (" (pts)" if classification else ""), "wall-clock s", "× SGD", "SAM frac"]
-    header += ["passes/step"]
-    sgd_seconds = next((r["train_seconds_mean"] for r in summary["rows"] if r["optimizer"] == "sgd"), None)
+    header += ["train loss", "gap" + (" (pts)" if classification else ""), "wall-clock s", "× SGD", "CPU s", "× SGD"]
+    header += ["SAM frac", "passes/step", "L(w+ε)−L(w)"]
+    sgd = next((r for r in summary["rows"] if r["optimizer"] == "sgd"), {})
     lines = []
     for row in summary["rows"]:
         if classification:
@@ -202,10 +202,11 @@ def format_table(summary: dict[str, Any]) -> str:
                 main,
                 f"{row['train_loss_mean']:.4f}",
                 gap,
-                f"{row['train_seconds_mean']:.1f}",
-                f"{row['train_seconds_mean'] / sgd_seconds:.2f}" if sgd_seconds else "-",
+                *_seconds_cells(row, sgd, "train_seconds_mean"),
+                *_seconds_cells(row, sgd, "train_cpu_seconds_mean"),
                 f"{row['sam_fraction_mean']:.2f}",
                 f"{row['passes_per_step_mean']:.2f}",
+                f"{row['sam_loss_rise_mean']:.3g}" if "sam_loss_rise_mean" in row else "-",
             ]
         )
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
@@ -221,3 +222,12 @@ def format_table(summary: dict[str, Any]) -> str:
             + ", ".join(f"{rho}: {score:.4f}" for rho, score in scores.items())
         )
     return "\n".join(table)
+
+
+def _seconds_cells(row: dict[str, Any], sgd: dict[str, Any], key: str) -> list[str]:
+    """A time column's two cells: the mean seconds and their ratio to SGD's ("-" where a run lacks the time, e.g.
+    ``train_cpu_seconds`` in runs written before it was recorded)."""
+    if key not in row:
+        return ["-", "-"]
+    ratio = f"{row[key] / sgd[key]:.2f}" if sgd.get(key) else "-"
+    return [f"{row[key]:.1f}", ratio]

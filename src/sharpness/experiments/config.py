@@ -19,8 +19,8 @@ import torch
 
 from sharpness import checks
 from sharpness.data import DATASETS
-from sharpness.models import parse_model_name
-from sharpness.optim.registry import OPTIMIZERS, SAM_FAMILY
+from sharpness.models import NORMALISED_MODELS, has_normalisation, parse_model_name
+from sharpness.optim.registry import OPTIMIZERS, RHO_OPTIMIZERS, SAM_FAMILY
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -74,6 +74,8 @@ class RunConfig:
     lambda2: float = 1.0  # aesam / aelooksam: threshold c_t at the start
     track_sharpness_every: int | None = None  # measure λ_max, ||g|| and the stability edge every N steps
     micro_batch: int | None = None  # sam / asam: m of m-sharpness (each micro-batch of m gets its own ε)
+    sam_start: float = 0.8  # latesam / lateaesam: fraction of the steps taken by SGD before SAM starts
+    perturb: str = "all"  # SAM family: parameters ε moves: all, norm (normalisation layers) or comma name prefixes
     fsdp: bool = False  # with several processes: shard the model with FSDP2 instead of replicating it (DDP)
 
     @property
@@ -123,6 +125,8 @@ class RunConfig:
         check_number("delta", self.delta, low=0.0, high=1.0, high_open=True)
         check_number("lambda1", self.lambda1, low=-math.inf)
         check_number("lambda2", self.lambda2, low=-math.inf)
+        check_number("sam_start", self.sam_start, low=0.0, high=1.0)
+        self._check_perturb()
         if self.dataset.startswith("cifar") and not self.data_dir:
             raise ConfigError(
                 f"dataset {self.dataset!r} is read from a local folder: pass --data-dir DIR (the folder with the "
@@ -130,6 +134,25 @@ class RunConfig:
             )
         _check_device(self.device)
         return self
+
+    def _check_perturb(self) -> None:
+        """``perturb``: ``all``, ``norm`` (a model with normalisation layers) or name prefixes, for the SAM family."""
+        if not isinstance(self.perturb, str) or not self.perturb.strip():
+            raise ConfigError(
+                f"perturb must be 'all', 'norm' or comma-separated parameter-name prefixes, got {self.perturb!r}"
+            )
+        if self.perturb == "all":
+            return
+        if self.optimizer not in SAM_FAMILY:
+            raise ConfigError(
+                f"perturb={self.perturb!r} restricts SAM's perturbation; optimizer {self.optimizer!r} has none: use "
+                f"one of {', '.join(SAM_FAMILY)}, or perturb='all'"
+            )
+        if self.perturb == "norm" and not has_normalisation(self.model_name):
+            raise ConfigError(
+                f"perturb='norm' perturbs normalisation layers, but model {self.model_name!r} has none; use a model "
+                f"with them ({', '.join(NORMALISED_MODELS)}; e.g. --model cnn1d-bn for mnist1d)"
+            )
 
 
 @dataclass
@@ -160,8 +183,8 @@ class CompareConfig:
                 check_number("rho_grid value", rho, low=0.0)
             if self.run.val_split <= 0:
                 raise ConfigError("--rho-grid selects rho on a validation split: also pass --val-split (e.g. 0.1)")
-            if not any(name in SAM_FAMILY for name in self.optimizers):
-                raise ConfigError(f"--rho-grid needs a SAM-family optimizer ({', '.join(SAM_FAMILY)}) to tune")
+            if not any(name in RHO_OPTIMIZERS for name in self.optimizers):
+                raise ConfigError(f"--rho-grid needs an optimizer with a rho ({', '.join(RHO_OPTIMIZERS)}) to tune")
         return self
 
     def epochs_for(self, optimizer: str) -> int:

@@ -20,6 +20,7 @@ from sharpness.train import read_json, write_json
 from sharpness.train.checkpoint import nan_for_null
 
 FIGURE_NAME, REPORT_NAME, SHARPNESS_FIGURE = "curves.png", "report.html", "sharpness.png"
+RISE = "sam_loss_rise"  # the epoch records' first-order sharpness estimate (sharpness.train.loop)
 
 
 def _sharpness_section(tracked: bool) -> list[str]:
@@ -73,25 +74,32 @@ def _finish(fig, axes, title: str, path: Path) -> None:
 
 
 def _curves_figure(series: dict[str, list[list[dict[str, Any]]]], path: Path, title: str) -> None:
-    """Test accuracy (or loss) and training loss per epoch; one line per label, mean over its runs, min–max band."""
+    """Test accuracy (or loss), training loss and, when a run has it, SAM's loss rise L(w + ε) − L(w) per epoch;
+    one line per label, mean over its runs, min–max band."""
     plt = pyplot()
     first = next(iter(series.values()))[0][0]
-    top_key = "test_acc" if "test_acc" in first else "test_loss"
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for label, runs in series.items():
-        for axis, key in zip(axes, (top_key, "train_loss"), strict=True):
+    keys = ["test_acc" if "test_acc" in first else "test_loss", "train_loss"]
+    keys += [RISE] if any(RISE in runs[0][0] for runs in series.values()) else []
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4))
+    for index, (label, runs) in enumerate(series.items()):
+        for axis, key in zip(axes, keys, strict=True):
+            if key not in runs[0][0]:  # no loss rise: not a SAM-family optimizer
+                continue
             length = min(len(run) for run in runs)
             epochs = [run[i]["epoch"] for run in runs[:1] for i in range(length)]
             values = [[run[i][key] for run in runs] for i in range(length)]
             mean = [sum(v) / len(v) for v in values]
-            (line,) = axis.plot(epochs, mean, label=f"{label} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
+            plural = "s" if len(runs) > 1 else ""
+            (line,) = axis.plot(epochs, mean, color=f"C{index}", label=f"{label} ({len(runs)} run{plural})")
             if len(runs) > 1:
                 axis.fill_between(
                     epochs, [min(v) for v in values], [max(v) for v in values], alpha=0.2, color=line.get_color()
                 )
-    axes[0].set_ylabel("test accuracy" if top_key == "test_acc" else "test loss")
+    axes[0].set_ylabel("test accuracy" if keys[0] == "test_acc" else "test loss")
     axes[1].set_ylabel("training loss (first pass, running mean)")
     axes[1].set_yscale("log")
+    if len(keys) == 3:
+        axes[2].set_ylabel("L(w + ε) − L(w), mean over SAM steps")
     for axis in axes:
         axis.set_xlabel("epoch")
     _finish(fig, axes, title, path)
@@ -120,8 +128,10 @@ def _compare_report(out_dir: Path) -> list[Path]:
         "<h2>Summary</h2>",
         f"<pre>{html.escape(format_table(summary))}</pre>",
         "<p>Test metric: mean over seeds ± half-width of the 95% Student-t interval. Gap: train − test accuracy "
-        "(eval mode, on the training labels). Wall-clock: training steps only. SAM frac: fraction of steps "
-        "that took a second pass.</p>",
+        "(eval mode, on the training labels). Wall-clock and CPU s (this process's CPU time: time spent waiting for a "
+        "shared CPU does not count): training steps only; × SGD: relative to SGD's mean. SAM frac: fraction of steps "
+        "that took a second pass. L(w+ε)−L(w): the rise of the loss from w to SAM's perturbed weights in the last "
+        "epoch (mean over its SAM steps), a first-order sharpness estimate that costs nothing.</p>",
         f'<img src="{FIGURE_NAME}" alt="learning curves" width="100%">',
         *_sharpness_section(tracked),
         "<h2>Runs</h2>",

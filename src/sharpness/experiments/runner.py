@@ -84,6 +84,8 @@ def build_trainer(config: RunConfig, data: Dataset, callbacks: Sequence[Callback
         lambda1=config.lambda1,
         lambda2=config.lambda2,
         seed=config.seed,
+        sam_start=config.sam_start,
+        perturb=config.perturb,
     )
     scheduler = None
     if config.schedule == "cosine":

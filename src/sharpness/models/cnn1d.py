@@ -13,7 +13,15 @@ mean test accuracy on MNIST-1D (``sharpness compare``, README). Architecture, fo
 for ``L = 40``: 40 -> 19 -> 10 -> 5). An input shape ``(L,)`` means one channel: the forward pass adds the channel
 dimension to a batch of shape ``(N, L)``.
 
-Initialisation: PyTorch's defaults for ``nn.Conv1d`` and ``nn.Linear`` (as in the reference).
+Normalisation (not in the reference; for SAM-ON, which perturbs only normalisation layers, Mueller et al., NeurIPS
+2023, arXiv 2306.04226): ``norm="batch"`` puts ``BatchNorm1d(C)`` between each convolution and its ReLU (the
+convolutions then have no bias: BatchNorm's shift replaces it; Ioffe & Szegedy 2015); ``norm="layer"`` puts
+``GroupNorm(1, C)`` there, layer normalisation over ``(C, L)`` with a per-channel affine ``γ, β`` (Ba et al. 2016;
+Wu & He 2018). The model names ``cnn1d-bn`` and ``cnn1d-ln`` select them. The default ``norm="none"`` is the
+reference model, unchanged.
+
+Initialisation: PyTorch's defaults for ``nn.Conv1d``, ``nn.Linear`` (as in the reference) and the normalisation
+layers (weight 1, bias 0).
 """
 
 from __future__ import annotations
@@ -22,9 +30,13 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from sharpness.checks import check_choice
 from sharpness.models._common import as_int, check_shape
 
-__all__ = ["CNN1D"]
+__all__ = ["CNN1D", "NORMS"]
+
+NORMS = ("none", "batch", "layer")
+"""``CNN1D``'s ``norm`` choices: none, ``BatchNorm1d`` or layer normalisation (``GroupNorm(1, C)``)."""
 
 
 def _conv_out(length: int, kernel: int, stride: int = 2, padding: int = 1) -> int:
@@ -38,13 +50,16 @@ class CNN1D(nn.Module):
         input_shape: ``(L,)`` (one channel) or ``(C, L)``; ``L >= 3``.
         num_classes: number of outputs (logits).
         channels: channels of every convolution.
+        norm: ``"none"`` (default, the reference), ``"batch"`` (``BatchNorm1d``) or ``"layer"``
+            (``GroupNorm(1, C)``) after each convolution.
     """
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int, channels: int = 32) -> None:
+    def __init__(self, input_shape: Sequence[int], num_classes: int, channels: int = 32, norm: str = "none") -> None:
         super().__init__()
         self.input_shape = check_shape(input_shape, model="cnn1d", lengths=(1, 2), expected="(L,) or (C, L)")
         self.num_classes = as_int(num_classes, "num_classes", model="cnn1d")
         self.channels = as_int(channels, "channels", model="cnn1d")
+        self.norm = check_choice(norm.strip().lower() if isinstance(norm, str) else norm, "norm", NORMS, owner="cnn1d")
         in_channels, length = (1, self.input_shape[0]) if len(self.input_shape) == 1 else self.input_shape
         self._add_channel_dim = len(self.input_shape) == 1
         l_out = _conv_out(_conv_out(_conv_out(length, 5), 3), 3)
@@ -52,14 +67,15 @@ class CNN1D(nn.Module):
             raise ValueError(f"cnn1d: the input length must be at least 3, got input_shape={input_shape!r}")
         self.out_length = l_out
         c = self.channels
-        self.features = nn.Sequential(
-            nn.Conv1d(in_channels, c, kernel_size=5, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv1d(c, c, kernel_size=3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv1d(c, c, kernel_size=3, stride=2, padding=1),
-            nn.ReLU(),
-        )
+        layers: list[nn.Module] = []
+        for c_in, kernel in ((in_channels, 5), (c, 3), (c, 3)):
+            layers.append(nn.Conv1d(c_in, c, kernel_size=kernel, stride=2, padding=1, bias=self.norm != "batch"))
+            if self.norm == "batch":
+                layers.append(nn.BatchNorm1d(c))
+            elif self.norm == "layer":
+                layers.append(nn.GroupNorm(1, c))
+            layers.append(nn.ReLU())
+        self.features = nn.Sequential(*layers)
         self.head = nn.Linear(c * l_out, self.num_classes)
 
     def forward(self, x: Tensor) -> Tensor:

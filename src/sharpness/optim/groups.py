@@ -4,10 +4,12 @@
 SAM's settings must not collide with the base's: ``torch.optim.Adadelta`` has its own ``rho``, other optimizers
 may have ``p``, ``eta`` or ``adaptive``. SAM therefore stores
 
-    sam_rho, sam_p, sam_eta, sam_adaptive, sam_adaptive_scope, sam_include_weight_decay
+    sam_rho, sam_p, sam_eta, sam_adaptive, sam_adaptive_scope, sam_include_weight_decay, sam_perturb
 
 while the constructor keeps the names users know (``SAM(params, base, rho=0.05, adaptive=False, p=2, ...)``). A
 group that lacks a key (e.g. added with ``opt.base_optimizer.add_param_group``) gets SAM's default for it.
+``sam_perturb=False`` keeps a group out of ε (and out of its norm); :func:`sharpness.optim.perturb_subset` builds
+such groups.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from sharpness.checks import check_bool, check_choice, check_real
 
-SAM_OPTIONS = ("rho", "p", "eta", "adaptive", "adaptive_scope", "include_weight_decay")
+SAM_OPTIONS = ("rho", "p", "eta", "adaptive", "adaptive_scope", "include_weight_decay", "perturb")
 """The constructor's names of SAM's per-group settings; the group key of ``name`` is ``"sam_" + name``."""
 ADAPTIVE_SCOPES = ("weights", "all")
 
@@ -38,6 +40,7 @@ def check_group(group: Mapping[str, Any]) -> dict[str, Any]:
         "sam_adaptive": check_bool(group["sam_adaptive"], "adaptive", owner="SAM"),
         "sam_adaptive_scope": check_choice(group["sam_adaptive_scope"], "adaptive_scope", ADAPTIVE_SCOPES, owner="SAM"),
         "sam_include_weight_decay": check_bool(group["sam_include_weight_decay"], "include_weight_decay", owner="SAM"),
+        "sam_perturb": check_bool(group["sam_perturb"], "perturb", owner="SAM"),
     }
 
 

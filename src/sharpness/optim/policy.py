@@ -15,6 +15,8 @@ leaves the schedule, the moving averages and the random stream exactly as they w
 - :class:`Bernoulli`: SAM with probability ``p(t)``, constant or a schedule of training progress (SS-SAM / RST,
   Zhao et al., 2022).
 - :class:`Adaptive`: AE-SAM's rule (Jiang, Yang, Zhang, Kwok, ICLR 2023, arXiv 2304.14647, Alg. 1).
+- :class:`Late`: ERM until a fraction of training, then another policy (late-phase SAM; Zhou et al., ICLR 2025,
+  arXiv 2410.10373).
 """
 
 from __future__ import annotations
@@ -81,12 +83,16 @@ class Policy:
 
     def progress(self) -> float:
         """``t / T`` clipped to [0, 1]; needs :attr:`total_steps`."""
+        return min(self.step / self.planned_steps(), 1.0)
+
+    def planned_steps(self) -> int:
+        """:attr:`total_steps`; a one-line error saying how to set it when it is not known."""
         if self.total_steps is None:
             raise ValueError(
                 f"{type(self).__name__} needs the training length: pass total_steps=..., or call "
                 "opt.set_total_steps(T) before training (sharpness.train.Trainer does this)"
             )
-        return min(self.step / self.total_steps, 1.0)
+        return self.total_steps
 
     def statistics(self) -> dict[str, float]:
         """What a training loop may log about the last decision."""
@@ -292,3 +298,93 @@ class Adaptive(Policy):
             f"Adaptive(delta={self.delta}, lambda1={self.lambda1}, lambda2={self.lambda2}, "
             f"total_steps={self.total_steps}, init={self.init!r})"
         )
+
+
+class Late(Policy):
+    r"""ERM (the base optimizer alone) for the first ``start · T`` steps, then the policy ``then`` (default SAM).
+
+    Zhou et al., "Sharpness-Aware Minimization Efficiently Selects Flatter Minima Late in Training" (ICLR 2025,
+    arXiv 2410.10373): SAM applied only in the last part of training reaches nearly the generalisation of SAM
+    throughout, at a fraction of the cost. Step ``t`` (counted from 0) is in the late phase iff
+
+        t ≥ t₀ = ⌈start · T⌉          (start ∈ [0, 1]; start = 0: ``then`` throughout, start = 1: ERM for T steps),
+
+    where ``T`` is :attr:`total_steps` (``opt.set_total_steps``, which :class:`sharpness.train.Trainer` calls, or
+    ``total_steps=``). Steps beyond ``T`` stay in the late phase. The base optimizer is the same object in both
+    phases, so its state (SGD's momentum buffer, Adam's moments) carries over the switch.
+
+    Early steps are decided without the gradient (:attr:`needs_grad_norm` is false there): one forward/backward
+    each and no norm computed; under DDP the decision is made before the first pass, which is then all-reduced as
+    an SGD step's. In the late phase ``then`` decides as it would alone, on its own step count: it starts at step
+    0 at ``t₀`` and its ``total_steps`` (unless given) is the length of the late phase ``T - t₀``, so
+    ``Late(start, Adaptive())`` runs AE-SAM's whole threshold schedule ``c_t: λ₂ → λ₁`` inside the late phase and
+    seeds its moving averages with the first late ``s_t``. Its state is part of this policy's state (``"then"``).
+    """
+
+    def __init__(self, start: float, then: Policy | None = None, total_steps: int | None = None) -> None:
+        super().__init__()
+        self.start = check_real(start, "start", owner="Late", low=0.0, high=1.0, what="fraction of training")
+        if then is not None and not isinstance(then, Policy):
+            raise TypeError(f"Late: then must be a sharpness.optim.policy.Policy, got {type(then).__name__}")
+        self.then = then if then is not None else Always()
+        if total_steps is not None:
+            self.set_total_steps(total_steps)
+
+    def first_late_step(self) -> int:
+        """``t₀ = ⌈start · T⌉`` (a product within 1e-9 of an integer counts as that integer: 0.07 · 100 is 7)."""
+        product = self.start * self.planned_steps()
+        nearest = round(product)
+        return nearest if abs(product - nearest) <= 1e-9 * max(1.0, product) else math.ceil(product)
+
+    def in_late_phase(self) -> bool:
+        """Whether the current (next undecided) step is at or after ``t₀``."""
+        return self.step >= self.first_late_step()
+
+    @property
+    def needs_grad_norm(self) -> bool:  # type: ignore[override]
+        return self.in_late_phase() and self.then.needs_grad_norm
+
+    @property
+    def replica_consistent(self) -> bool:  # type: ignore[override]
+        return self.then.replica_consistent
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """``then``'s random generator, if it has one (SAM broadcasts it from rank 0 under DDP)."""
+        return getattr(self.then, "generator", None)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """``T``; ``then`` gets the length of the late phase ``T - t₀`` (at least 1) unless it has its own."""
+        super().set_total_steps(total_steps)
+        if self.then.total_steps is None:
+            self.then.set_total_steps(max(self.planned_steps() - self.first_late_step(), 1))
+
+    def _decide(self, sq_grad_norm: float) -> bool:
+        return self.in_late_phase() and self.then.decide(sq_grad_norm)
+
+    def commit(self) -> None:
+        super().commit()
+        self.then.commit()
+
+    def discard(self) -> None:
+        self.then.discard()
+        super().discard()
+
+    def statistics(self) -> dict[str, float]:
+        return self.then.statistics()
+
+    def settings(self) -> dict[str, Any]:
+        return {"start": self.start}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "then": self.then.state_dict()}
+
+    def _state_keys(self) -> tuple[str, ...]:
+        return ("then",)
+
+    def _load(self, state: dict[str, Any]) -> None:
+        super()._load(state)
+        self.then.load_state_dict(state["then"])
+
+    def __repr__(self) -> str:
+        return f"Late(start={self.start}, then={self.then!r}, total_steps={self.total_steps})"

@@ -8,11 +8,13 @@ preset             policy                          reuse                  refere
 ``LookSAM``        ``EveryK(k)``                   ``LookSAMReuse(α)``    Liu et al., CVPR 2022 (k = 5, α = 0.7)
 ``AESAM``          ``Adaptive(δ, λ₁, λ₂, T)``      none                   Jiang et al., ICLR 2023
 ``AELookSAM``      ``Adaptive(δ, λ₁, λ₂, T)``      ``LookSAMReuse(α)``    Jiang et al., ICLR 2023
+``LateSAM``        ``Late(start, then, T)``        none                   Zhou et al., ICLR 2025
 =================  ==============================  =====================  ==========================================
 
 Each takes the arguments of :class:`SAM` (``params, base_optimizer, rho, ...``, base optimizer keywords) plus its
 own, and returns a :class:`SAM`. ``total_steps`` may be left ``None`` when training with
-:class:`sharpness.train.Trainer`, which sets it.
+:class:`sharpness.train.Trainer`, which sets it. Every preset perturbs a subset of the parameters when given the
+parameter groups of :func:`sharpness.optim.perturb_subset` (SAM-ON: ``perturb_subset(model, "norm")``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sharpness.optim.policy import Adaptive, Bernoulli, EveryK
+from sharpness.optim.policy import Adaptive, Bernoulli, EveryK, Late, Policy
 from sharpness.optim.reuse import LookSAMReuse
 from sharpness.optim.sam import SAM
 
@@ -91,3 +93,21 @@ def AELookSAM(  # noqa: N802
     """AE-SAM's adaptive policy with LookSAM's reuse on the ERM steps (``g_v`` refreshed on every SAM step)."""
     policy = Adaptive(delta, lambda1, lambda2, total_steps)
     return SAM(params, base_optimizer, rho, policy=policy, reuse=LookSAMReuse(alpha, per_tensor), **kwargs)
+
+
+def LateSAM(  # noqa: N802
+    params: Any,
+    base_optimizer: Any,
+    rho: float = 0.05,
+    *,
+    start: float = 0.8,
+    then: Policy | None = None,
+    total_steps: int | None = None,
+    **kwargs: Any,
+) -> SAM:
+    """The base optimizer alone for the first ``start · T`` steps, then SAM (Zhou et al., ICLR 2025).
+
+    ``then`` is the late phase's policy (default: every step SAM); ``then=Adaptive()`` is AE-SAM in the late
+    phase, ``then=EveryK(5)`` with ``reuse=LookSAMReuse(0.7)`` LookSAM. See :class:`~sharpness.optim.policy.Late`.
+    """
+    return SAM(params, base_optimizer, rho, policy=Late(start, then, total_steps), **kwargs)

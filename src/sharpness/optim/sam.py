@@ -57,7 +57,9 @@ class SAM(Optimizer):
     step with that gradient. ``g`` is the gradient of all parameters that have one, across all groups, so the
     norm is global; ``ρ`` may differ per group (each group's ε is its slice of the unit direction times its ρ).
     For a group whose base optimizer has ``maximize=True`` the objective is ``-L``: ε̂ is built from ``-g``.
-    Complex parameters count as pairs of real coordinates.
+    Complex parameters count as pairs of real coordinates. Groups with ``perturb=False`` (key ``"sam_perturb"``)
+    are left out of ``g`` for ε (SAM-ON: :func:`sharpness.optim.perturb_subset`); policies still see the whole
+    gradient's ``||g||²``.
 
     With ``adaptive=True`` this is ASAM (Kwon et al., 2021): the ball is taken in the coordinates
     ``T_w^{-1} ε`` with ``T_w = |w| + eta`` element-wise, so ``ε̂ = ρ T_w² g / ||T_w g||`` for ``p = 2``.
@@ -81,6 +83,11 @@ class SAM(Optimizer):
             implementation does (there weight decay is part of the loss). Default ``False``: ε comes from the
             loss gradient alone, as in the PyTorch implementations; the base optimizer applies its weight decay
             either way (key ``"sam_include_weight_decay"``).
+        perturb: whether ε includes the group's parameters (key ``"sam_perturb"``, default ``True``). Groups with
+            ``False`` are left out of ε *and* of its norm: ``ε = ρ g_S / ||g_S||`` on the perturbed set ``S``, zero
+            elsewhere (SAM-ON, Mueller et al., NeurIPS 2023, arXiv 2306.04226). Their gradient is still computed
+            at ``w + ε`` and stepped by the base optimizer. :func:`sharpness.optim.perturb_subset` splits a model's
+            groups this way (e.g. only normalisation layers' affine parameters).
         model: if given, normalisation layers' running statistics are kept out of the perturbed pass
             automatically (see :func:`sharpness.frozen_bn`).
         policy: whether a step takes the second pass (:mod:`sharpness.optim.policy`; default :class:`Always`,
@@ -140,6 +147,7 @@ class SAM(Optimizer):
         eta: float = 0.01,
         adaptive_scope: Literal["weights", "all"] = "weights",
         include_weight_decay: bool = False,
+        perturb: bool = True,
         model: nn.Module | None = None,
         policy: Policy | None = None,
         reuse: LookSAMReuse | None = None,
@@ -153,6 +161,7 @@ class SAM(Optimizer):
             adaptive=adaptive,
             adaptive_scope=adaptive_scope,
             include_weight_decay=include_weight_decay,
+            perturb=perturb,
         )
         self.base_optimizer = self._build_base(params, base_optimizer, defaults, base_kwargs)
         self._adopt_base_groups()
@@ -173,8 +182,8 @@ class SAM(Optimizer):
         self._via_scaler = False  # step() is being called by GradScaler.step, which checked finiteness
         self._warned_bypass = False
         self.last_grad_norm: float = math.nan
-        """Dual norm ``||g||_q`` (of ``T_w g`` for ASAM) of the gradient seen by the last :meth:`first_step`,
-        loss scale removed; inf/NaN if that gradient was not finite."""
+        """Dual norm ``||g||_q`` (of ``T_w g`` for ASAM) of the gradient seen by the last :meth:`first_step`, over
+        the perturbed groups (``sam_perturb``), loss scale removed; inf/NaN if that gradient was not finite."""
         self.steps = 0  # optimizer steps taken (SAM and ERM)
         self.sam_steps = 0  # of which SAM (two-pass) steps
 
@@ -395,21 +404,23 @@ class SAM(Optimizer):
             )
 
     def _perturb(self, buckets: list[Bucket], loss_scale: float) -> bool:
-        """``w ← w + ε̂`` (weights saved first); ``False``, changing nothing, when the gradient is not finite."""
+        """``w ← w + ε̂`` on the groups with ``sam_perturb`` (weights saved first); ``ε̂`` and its norm are those of
+        the gradient restricted to them. ``False``, changing nothing, when the gradient is not finite (anywhere)."""
         if self._replica_local() and not math.isfinite(self._first_grad_norm(buckets, loss_scale)):
             return False  # not finite on some replica: every replica skips
         p = common_p(self.param_groups)
-        hs, norm, divisor = self._ascent_inputs(buckets, loss_scale, p)
+        perturbed = [bucket for bucket in buckets if bucket.group["sam_perturb"]]
+        hs, norm, divisor = self._ascent_inputs(perturbed, loss_scale, p)
         self.last_grad_norm = norm * divisor / loss_scale
-        if not math.isfinite(norm):
+        if not (math.isfinite(norm) and self._unperturbed_gradient_finite(buckets)):
             return False
         if self.reuse is not None:
             self.reuse.save_first_gradient([b.owners for b in buckets], all_gradients(buckets))
         if norm > 0.0:
             directions, coefficient = unit_ascent(hs, p, norm, self._shard)
-            snapshots = [self._snapshot_for(bucket) for bucket in buckets]
+            snapshots = [self._snapshot_for(bucket) for bucket in perturbed]
             try:
-                for bucket, direction in zip(buckets, directions, strict=True):
+                for bucket, direction in zip(perturbed, directions, strict=True):
                     _move(bucket, direction, coefficient)
             except BaseException:
                 for snapshot in snapshots:
@@ -418,6 +429,13 @@ class SAM(Optimizer):
         if self._bn_guard is not None:
             self._bn_guard.save()
         return True
+
+    def _unperturbed_gradient_finite(self, buckets: list[Bucket]) -> bool:
+        """Whether the first gradient is finite outside the perturbed groups too (the norm of ε covers only them)."""
+        if all(group["sam_perturb"] for group in self.param_groups) or self._replica_local():
+            return True  # the norm covered every gradient, or every replica's norm was checked already
+        rest = [bucket for bucket in buckets if not bucket.group["sam_perturb"]]
+        return all_finite(flat_gradients(rest), self._shard)
 
     def _ascent_inputs(
         self, buckets: list[Bucket], loss_scale: float, p: float

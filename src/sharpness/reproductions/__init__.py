@@ -1,8 +1,10 @@
-"""``sharpness reproduce NAME [--quick]``: the papers' experiments, with their claims checked PASS/FAIL.
+"""``sharpness reproduce NAME [--quick]``: the papers' experiments, with their claims checked PASS/FAIL/UNDECIDED.
 
 Each reproduction is a module with ``run(out_dir, quick, seed) -> Reproduction``; it writes its figures into
 ``out_dir``. :func:`reproduce` runs one or all of them, writes ``results.json`` (the numbers, settings and checks)
-and a ``report.html`` per reproduction, and a combined ``report.html`` for ``all``.
+and a ``report.html`` per reproduction, and a combined ``report.html`` for ``all``. A claim whose check could not
+have failed at the run's budget (e.g. a CI-based check over too few seeds, :func:`~.base.ci_decidable`) is
+UNDECIDED: neither passed nor failed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sharpness.reproductions.base import Check, Reproduction
+from sharpness.reproductions.base import Check, Reproduction, ci_decidable
 from sharpness.train.checkpoint import json_safe
 
 REPRODUCTIONS: dict[str, str] = {  # in the order of papers.md
@@ -64,7 +66,7 @@ def format_checks(result: Reproduction) -> str:
     """The claims and their verdicts as a plain-text table (what the command prints)."""
     lines = [f"{result.title}  ({result.reference})  [{result.seconds:.1f} s]"]
     for check in result.checks:
-        lines.append(f"  {'PASS' if check.passed else 'FAIL'}  {check.claim}")
+        lines.append(f"  {check.status}  {check.claim}")
         lines.append(f"        {check.detail}")
     for assumption in result.assumptions:
         lines.append(f"  note: {assumption}")
@@ -77,8 +79,9 @@ def _jsonable(result: Reproduction) -> dict[str, Any]:
         "title": result.title,
         "reference": result.reference,
         "passed": result.passed,
+        "status": result.status,
         "seconds": result.seconds,
-        "checks": [dataclasses.asdict(check) for check in result.checks],
+        "checks": [{**dataclasses.asdict(check), "status": check.status} for check in result.checks],
         "figures": [Path(figure).name for figure in result.figures],
         "settings": json_safe(result.settings, non_finite=str),
         "assumptions": result.assumptions,
@@ -88,7 +91,7 @@ def _jsonable(result: Reproduction) -> dict[str, Any]:
 
 def _section(result: Reproduction, folder: Path, prefix: str = "") -> str:
     rows = "".join(
-        f"<tr><td>{'PASS' if c.passed else '<b>FAIL</b>'}</td><td>{html.escape(c.claim)}</td>"
+        f"<tr><td>{'<b>FAIL</b>' if c.status == 'FAIL' else c.status}</td><td>{html.escape(c.claim)}</td>"
         f"<td>{html.escape(c.detail)}</td></tr>"
         for c in result.checks
     )
@@ -117,4 +120,4 @@ def _page(title: str, sections: list[str]) -> str:
     )
 
 
-__all__ = ["Check", "REPRODUCTIONS", "Reproduction", "format_checks", "reproduce", "runner"]
+__all__ = ["Check", "REPRODUCTIONS", "Reproduction", "ci_decidable", "format_checks", "reproduce", "runner"]

@@ -15,7 +15,10 @@ idealisation: the check allows ``TOLERANCE``.)
 On MNIST-1D with ``cnn1d`` (the defaults of ``sharpness compare``) we train SGD, SAM, RandomSAM, LookSAM, AE-SAM and
 AE-LookSAM over seeds with :func:`sharpness.experiments.compare.compare`, and check AE-SAM's measured SAM fraction
 (overall, by quarter of training) against ``Φ(-c_t)``, that AE-SAM and AE-LookSAM reach SAM's test accuracy with fewer
-than two passes per step, and the wall-clock order.
+than two passes per step, and the order of the training cost. The cost is the process CPU time of the training steps
+(``train_cpu_seconds``): unlike wall-clock, it does not grow while other work holds the CPU, so the verdict does not
+depend on what else runs on the machine; wall-clock is reported beside it. The accuracy claims are UNDECIDED (neither
+PASS nor FAIL) where their tolerance, SAM's CI half-width, could not tell SAM from SGD (:func:`~.base.ci_decidable`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from sharpness.experiments.compare import RUNS_DIR, compare, load_runs, summariz
 from sharpness.experiments.config import CompareConfig, RunConfig
 from sharpness.experiments.figures import pyplot, save_figure
 from sharpness.experiments.report import read_metrics
-from sharpness.reproductions.base import Check, Reproduction
+from sharpness.reproductions.base import Check, Reproduction, ci_decidable
 
 plt = pyplot()
 
@@ -117,24 +120,78 @@ def schedule_summary(run_dirs: list[Path], lambda1: float, lambda2: float) -> di
 # ---------------------------------------------------------------------------------------------- the comparison
 def optimizer_table(out_dir: Path, optimizers: list[str]) -> dict[str, dict[str, Any]]:
     """Per optimizer of a comparison folder: test accuracy mean and 95% CI over seeds (``summarize``'s), SAM fraction
-    and passes per step (means), and the median over seeds of the training wall-clock, also relative to SGD's."""
+    and passes per step (means), and the medians over seeds of the training wall-clock and CPU seconds, also
+    relative to SGD's (``time_vs_sgd``, ``cpu_vs_sgd``)."""
     runs = load_runs(out_dir)
     summary_rows = {row["optimizer"]: row for row in summarize(out_dir)["rows"]}
     table = {}
     for name in optimizers:
         row = summary_rows[name]
-        seconds = [r["final"]["train_seconds"] for r in runs if r["config"]["optimizer"] == name]
+        finals = [r["final"] for r in runs if r["config"]["optimizer"] == name]
         table[name] = {
             "seeds": row["seeds"],
             "test_acc_mean": row["test_acc_mean"],
             "test_acc_ci95": row["test_acc_ci95"],
             "sam_fraction": row["sam_fraction_mean"],
             "passes_per_step": row["passes_per_step_mean"],
-            "train_seconds_median": float(np.median(seconds)),
+            "train_seconds_median": float(np.median([final["train_seconds"] for final in finals])),
+            "train_cpu_seconds_median": float(np.median([final["train_cpu_seconds"] for final in finals])),
         }
     for row in table.values():
         row["time_vs_sgd"] = row["train_seconds_median"] / table["sgd"]["train_seconds_median"]
+        row["cpu_vs_sgd"] = row["train_cpu_seconds_median"] / table["sgd"]["train_cpu_seconds_median"]
     return table
+
+
+def accuracy_check(label: str, name: str, table: dict[str, dict[str, Any]]) -> Check:
+    """Claim (2)/(3): ``name`` reaches SAM's test accuracy (mean ≥ SAM's mean − SAM's 95% CI half-width) at fewer
+    than 2 passes per step. UNDECIDED when the accuracy part cannot fail (:func:`~.base.ci_decidable`: fewer than
+    3 seeds, or SAM's half-width not smaller than SAM's gain over SGD, so that SGD's accuracy would pass) and the
+    passes part holds; a method at 2 or more passes per step fails whatever the accuracy."""
+    row, sam, sgd = table[name], table["sam"], table["sgd"]
+    floor = sam["test_acc_mean"] - sam["test_acc_ci95"]
+    gain = sam["test_acc_mean"] - sgd["test_acc_mean"]
+    fewer_passes = row["passes_per_step"] < 2.0
+    decided = not fewer_passes or ci_decidable(sam["seeds"], sam["test_acc_ci95"], gain)
+    undecided = (
+        ""
+        if decided
+        else f"; UNDECIDED: SAM's CI half-width {100 * sam['test_acc_ci95']:.2f} pts is not below SAM's gain over "
+        f"SGD ({100 * gain:+.2f} pts) with {sam['seeds']} seeds, so the check could not fail"
+    )
+    return Check(
+        f"{label} {LABELS[name]} reaches SAM's test accuracy with fewer passes: its mean test accuracy over "
+        f"{row['seeds']} seeds is at least SAM's mean minus SAM's 95% CI half-width (comparable or better), and it "
+        "takes fewer than 2 forward/backward passes per step",
+        row["test_acc_mean"] >= floor and fewer_passes,
+        f"{LABELS[name]} {100 * row['test_acc_mean']:.2f} ± {100 * row['test_acc_ci95']:.2f}% vs SAM "
+        f"{100 * sam['test_acc_mean']:.2f} ± {100 * sam['test_acc_ci95']:.2f}% (floor {100 * floor:.2f}%; "
+        f"difference {100 * (row['test_acc_mean'] - sam['test_acc_mean']):+.2f} pts); "
+        f"{row['passes_per_step']:.3f} passes/step = {row['passes_per_step'] / sam['passes_per_step']:.0%} "
+        f"of SAM's (SAM fraction {row['sam_fraction']:.3f}); SGD {100 * sgd['test_acc_mean']:.2f} ± "
+        f"{100 * sgd['test_acc_ci95']:.2f}%{undecided}",
+        decided,
+    )
+
+
+def cost_check(table: dict[str, dict[str, Any]]) -> Check:
+    """Claim (4): SGD is the cheapest and SAM the dearest, every other optimizer of ``table`` in between, by the
+    median CPU seconds of the training steps (waiting while other work holds the CPU does not count, so machine
+    load does not decide the verdict); wall-clock is reported beside it, not judged."""
+    cpu = {name: row["train_cpu_seconds_median"] for name, row in table.items()}
+    others = [cpu[name] for name in table if name not in ("sgd", "sam")]
+
+    def listed(key: str, unit: str, ratio: str) -> str:
+        return ", ".join(f"{LABELS[n]} {row[key]:.2f} {unit} ({row[ratio]:.2f}x)" for n, row in table.items())
+
+    return Check(
+        "(4) the passes saved show in the training cost: SGD costs least and SAM most, every efficient variant "
+        "lies in between (median CPU seconds of the training steps over seeds, evaluation excluded, "
+        "single-threaded)",
+        all(cpu["sgd"] < c < cpu["sam"] for c in others),
+        f"CPU: {listed('train_cpu_seconds_median', 'CPU s', 'cpu_vs_sgd')}; wall-clock (not judged: it depends on "
+        f"the machine's load): {listed('train_seconds_median', 's', 'time_vs_sgd')}",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -145,7 +202,7 @@ def _accuracy_figure(path: Path, table: dict[str, dict[str, Any]], title: str) -
     band = (100 * (sam["test_acc_mean"] - sam["test_acc_ci95"]), 100 * (sam["test_acc_mean"] + sam["test_acc_ci95"]))
     for ax, key, xlabel in (
         (axes[0], "passes_per_step", "forward/backward passes per step (mean over seeds)"),
-        (axes[1], "time_vs_sgd", "training wall-clock / SGD's (medians over seeds)"),
+        (axes[1], "cpu_vs_sgd", "training CPU time / SGD's (medians over seeds)"),
     ):
         ax.axhspan(*band, color="grey", alpha=0.15, label="SAM's 95% CI")
         for i, (name, row) in enumerate(table.items()):
@@ -241,37 +298,8 @@ def run(out_dir: Path, quick: bool, seed: int) -> Reproduction:
         )
     )
 
-    # ---------------------------------------------------------------- 2, 3: SAM's accuracy at fewer passes
-    sam = table["sam"]
-    floor = sam["test_acc_mean"] - sam["test_acc_ci95"]
-    for label, name in (("(2)", "aesam"), ("(3)", "aelooksam")):
-        row = table[name]
-        checks.append(
-            Check(
-                f"{label} {LABELS[name]} reaches SAM's test accuracy with fewer passes: its mean test accuracy over "
-                f"{seeds} seeds is at least SAM's mean minus SAM's 95% CI half-width (comparable or better), and it "
-                "takes fewer than 2 forward/backward passes per step",
-                row["test_acc_mean"] >= floor and row["passes_per_step"] < 2.0,
-                f"{LABELS[name]} {100 * row['test_acc_mean']:.2f} ± {100 * row['test_acc_ci95']:.2f}% vs SAM "
-                f"{100 * sam['test_acc_mean']:.2f} ± {100 * sam['test_acc_ci95']:.2f}% (floor {100 * floor:.2f}%; "
-                f"difference {100 * (row['test_acc_mean'] - sam['test_acc_mean']):+.2f} pts); "
-                f"{row['passes_per_step']:.3f} passes/step = {row['passes_per_step'] / sam['passes_per_step']:.0%} "
-                f"of SAM's (SAM fraction {row['sam_fraction']:.3f}); SGD {100 * table['sgd']['test_acc_mean']:.2f} ± "
-                f"{100 * table['sgd']['test_acc_ci95']:.2f}%",
-            )
-        )
-
-    # ---------------------------------------------------------------- 4: wall-clock order
-    seconds = {name: row["train_seconds_median"] for name, row in table.items()}
-    others = [seconds[n] for n in optimizers if n not in ("sgd", "sam")]
-    checks.append(
-        Check(
-            "(4) the passes saved show in wall-clock: SGD trains fastest and SAM slowest; every efficient variant "
-            "lies in between (median training seconds over seeds, evaluation excluded, single-threaded)",
-            all(seconds["sgd"] < s < seconds["sam"] for s in others),
-            ", ".join(f"{LABELS[n]} {seconds[n]:.2f} s ({table[n]['time_vs_sgd']:.2f}x)" for n in optimizers),
-        )
-    )
+    # ---------------------------------------------------------------- 2, 3: SAM's accuracy at fewer passes; 4: cost
+    checks += [accuracy_check("(2)", "aesam", table), accuracy_check("(3)", "aelooksam", table), cost_check(table)]
 
     title = f"cnn1d on MNIST-1D, {epochs} epochs, {seeds} seeds"
     figures = [
@@ -307,9 +335,12 @@ def run(out_dir: Path, quick: bool, seed: int) -> Reproduction:
         "mean lags behind it, so about half of that epoch's steps are SAM steps whatever c_t; in the short quick run "
         "this lifts the first quarter to the second's level (the halves still rise)",
         "'reaches SAM's accuracy' means: mean test accuracy at least SAM's mean minus SAM's 95% CI half-width (t "
-        "interval over seeds); with few seeds the interval is wide",
-        "times are the training loop's wall-clock (evaluation excluded) with torch.set_num_threads(1), on a CPU that "
-        "other work may share; the median over seeds is reported",
+        "interval over seeds); it is UNDECIDED with fewer than 3 seeds or when that half-width is not smaller than "
+        "SAM's gain over SGD (then SGD's accuracy would pass too: the check could not fail)",
+        "the cost claim is judged on the training loop's process CPU time (evaluation excluded, "
+        "torch.set_num_threads(1)), which waiting for a shared CPU does not inflate (contention for caches and "
+        "memory still can, by tens of percent under heavy load, far less than wall-clock); wall-clock is reported "
+        "beside it; medians over seeds",
     ]
     return Reproduction(
         name=NAME,

@@ -4,6 +4,11 @@ Each step calls ``optimizer.step(closure)``. The closure zeroes the gradients, r
 batch and returns the loss; a plain optimizer calls it once, SAM twice (at ``w`` and ``w + ε``), and an optimizer
 that decides per step whether to take its second pass calls it once or twice. The loop counts the calls, so the
 number of forward/backward passes and the fraction of steps that took more than one are measured, not assumed.
+On a SAM step the two losses give, for free, ``L(w + ε) − L(w)``, a first-order sharpness estimate (≈ ρ||g||):
+each epoch record has its mean over the epoch's SAM steps (weighted by examples, over every process; per
+micro-batch under m-sharpness) as ``sam_loss_rise`` when the optimizer is a :class:`~sharpness.SAM` (NaN for an
+epoch without a SAM step). ``train_seconds`` and ``train_cpu_seconds`` time the training steps (wall-clock, and
+this process's CPU time, which time spent waiting while other work holds the CPU does not inflate).
 
 Determinism: batches are shuffled and augmented with the loop's own ``torch.Generator`` s, seeded from ``seed``;
 :meth:`Trainer.state_dict` holds them, the model, the optimizer, the scheduler, the global torch RNG (dropout)
@@ -16,6 +21,7 @@ batch (see :mod:`sharpness.train.distributed`); ``batch_size`` stays the global 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +35,8 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from sharpness.checks import check_integer
 from sharpness.data import Dataset, iterate_batches, num_batches
+from sharpness.optim.msam import unperturbed_weights
+from sharpness.optim.sam import SAM
 from sharpness.train.callbacks import Callback
 from sharpness.train.checkpoint import load_weights
 from sharpness.train.distributed import (
@@ -50,6 +58,18 @@ _SEED_OFFSET_AUGMENT = 1_000_003  # a second, unrelated stream for augmentation
 def loss_function(task: str) -> Callable[..., Tensor]:
     """The training loss of a task: cross-entropy for ``"classification"``, mean squared error for regression."""
     return nn.functional.cross_entropy if task == "classification" else nn.functional.mse_loss
+
+
+def _at_unperturbed_weights(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a :class:`Trainer` method inside ``unperturbed_weights(self.optimizer)``: an optimizer that keeps the
+    parameters perturbed between steps (:class:`sharpness.MSAM`) shows the unperturbed weights ``w`` there."""
+
+    @functools.wraps(method)
+    def wrapper(self: Trainer, *args: Any, **kwargs: Any) -> Any:
+        with unperturbed_weights(self.optimizer):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,6 +97,7 @@ class TrainState:
     passes: int = 0  # forward/backward passes taken
     multi_pass_steps: int = 0  # steps that took more than one pass (SAM steps)
     train_seconds: float = 0.0  # wall-clock of the training steps, evaluation excluded
+    train_cpu_seconds: float = 0.0  # this process's CPU time (all its threads) over the same region
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -154,6 +175,7 @@ class Trainer:
         self.model = unwrap(self.train_module)
         self.sharded = is_sharded_module(self.train_module)
         self.optimizer = optimizer
+        self._perturbs = isinstance(optimizer, SAM)  # a second closure call is at w + ε (see _loss_rise)
         self.data = data
         self.epochs = epochs
         self.batch_size = batch_size
@@ -175,9 +197,10 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_train_start(self)
         while self.state.epoch < self.epochs:
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             totals = self._train_epoch()
             self.state.train_seconds += time.perf_counter() - started
+            self.state.train_cpu_seconds += time.process_time() - started_cpu
             self.state.epoch += 1
             record = self._epoch_record(totals)
             self.state.history.append(record)
@@ -189,13 +212,15 @@ class Trainer:
 
     def _train_epoch(self) -> dict[str, float]:
         self.train_module.train()
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, correct, seen, rise_sum, rise_seen = 0.0, 0, 0, 0.0, 0
         for x, y, weight in self._epoch_batches():
             if self.sharded:
                 sync_buffers(self.model)
-            loss, outputs, targets, passes = self._step(x, y, weight)
+            loss, outputs, targets, passes, rise = self._step(x, y, weight)
             hits = int((outputs.argmax(1) == targets).sum()) if self.data.task == "classification" else 0
-            step_sum, step_correct, step_seen = all_reduce_sums([loss.item() * len(y), hits, len(y)], self.device)
+            step_sum, step_correct, step_seen, step_rise, step_rise_seen = all_reduce_sums(
+                [loss.item() * len(y), hits, len(y), *rise], self.device
+            )
             value = step_sum / step_seen
             if not math.isfinite(value):
                 raise NonFiniteLossError(
@@ -210,10 +235,13 @@ class Trainer:
             loss_sum += step_sum
             correct += int(step_correct)
             seen += int(step_seen)
+            rise_sum += step_rise
+            rise_seen += int(step_rise_seen)
             step = StepOutput(self.state.epoch, self.state.step, value, passes, x, y)
             for callback in self.callbacks:
                 callback.on_step_end(self, step)
-        return {"loss": loss_sum / seen, "correct": correct, "seen": seen}
+        rise = rise_sum / rise_seen if rise_seen else math.nan
+        return {"loss": loss_sum / seen, "correct": correct, "seen": seen, "sam_loss_rise": rise}
 
     def _epoch_batches(self) -> Iterator[tuple[Tensor, Tensor, float]]:
         """This process's shard of every (augmented) global batch of an epoch, on the device, with its loss weight.
@@ -232,36 +260,34 @@ class Trainer:
             weight = len(y) * self.world_size / size
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), weight
 
-    def _step(self, x: Tensor, y: Tensor, weight: float = 1.0) -> tuple[Tensor, Tensor, Tensor, int]:
-        """One optimizer step; returns the loss at w, the first pass's outputs and their targets, and the number
-        of passes over the batch (the backward passes use the loss times ``weight``)."""
+    def _step(self, x: Tensor, y: Tensor, weight: float = 1.0) -> tuple[Tensor, Tensor, Tensor, int, list[float]]:
+        """One optimizer step; returns the loss at w, the first pass's outputs and their targets, the number of
+        passes over the batch (the backward passes use the loss times ``weight``) and :meth:`_loss_rise`'s sums."""
         if self.micro_batch is not None:
             return self._micro_batch_step(x, y)
-        passes = 0
+        losses: list[Tensor] = []
         first_outputs: list[Tensor] = []
 
         def closure() -> Tensor:
-            nonlocal passes
-            passes += 1
             loss, outputs = self._forward_backward(x, y, weight)
+            losses.append(loss.detach())
             if not first_outputs:
                 first_outputs.append(outputs)
             return loss
 
         loss = self.optimizer.step(closure)
-        return loss, first_outputs[0], y, passes
+        return loss, first_outputs[0], y, len(losses), self._loss_rise([(losses, len(y))])
 
-    def _micro_batch_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+    def _micro_batch_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, int, list[float]]:
         """An m-SAM step: a closure per micro-batch of ``micro_batch`` examples, weighted by their sizes."""
-        calls = 0
         pieces = list(zip(x.split(self.micro_batch), y.split(self.micro_batch), strict=True))
+        losses: list[list[Tensor]] = [[] for _ in pieces]
         first_outputs: list[Tensor | None] = [None] * len(pieces)
 
         def closure_for(index: int) -> Callable[[], Tensor]:
             def closure() -> Tensor:
-                nonlocal calls
-                calls += 1
                 loss, outputs = self._forward_backward(*pieces[index])
+                losses[index].append(loss.detach())
                 if first_outputs[index] is None:
                     first_outputs[index] = outputs
                 return loss
@@ -273,7 +299,22 @@ class Trainer:
         # A skipped step (non-finite gradient) stops before the later micro-batches' first passes.
         evaluated = [index for index, outputs in enumerate(first_outputs) if outputs is not None]
         outputs = torch.cat([first_outputs[i] for i in evaluated])
-        return loss, outputs, torch.cat([pieces[i][1] for i in evaluated]), round(calls / len(pieces))
+        passes = round(sum(map(len, losses)) / len(pieces))
+        rise = self._loss_rise([(piece_losses, len(ys)) for piece_losses, (_, ys) in zip(losses, pieces, strict=True)])
+        return loss, outputs, torch.cat([pieces[i][1] for i in evaluated]), passes, rise
+
+    def _loss_rise(self, closures: list[tuple[list[Tensor], int]]) -> list[float]:
+        """``[Σ n (L(w + ε) − L(w)), Σ n]`` over a step's closures (their losses, in call order, and their number of
+        examples ``n``) that SAM called twice: the first call is at ``w``, the second at ``w + ε``. Other closures
+        add nothing: one call (an ERM step, a step skipped on a non-finite gradient), a difference that is not
+        finite, or an optimizer that is not a :class:`~sharpness.SAM` (whose repeated calls are not at ``w + ε``)."""
+        total, seen = 0.0, 0
+        for losses, size in closures if self._perturbs else ():
+            if len(losses) == 2:
+                rise = float(losses[1] - losses[0])
+                if math.isfinite(rise):
+                    total, seen = total + size * rise, seen + size
+        return [total, seen]
 
     def _forward_backward(self, x: Tensor, y: Tensor, weight: float = 1.0) -> tuple[Tensor, Tensor]:
         """Zero the gradients, then forward and backward (of the loss times ``weight``) through :attr:`train_module`
@@ -287,6 +328,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
+    @_at_unperturbed_weights
     def evaluate(self, x: Tensor, y: Tensor) -> dict[str, float]:
         """Mean loss (and accuracy for classification) of the model in eval mode; the mode is restored.
 
@@ -342,15 +384,20 @@ class Trainer:
             sam_fraction=state.sam_fraction,
             passes_per_step=state.passes_per_step,
             train_seconds=state.train_seconds,
+            train_cpu_seconds=state.train_cpu_seconds,
         )
+        if self._perturbs:  # NaN (null in metrics.jsonl) for an epoch without a SAM step
+            record["sam_loss_rise"] = totals["sam_loss_rise"]
         return record
 
+    @_at_unperturbed_weights
     def final_metrics(self) -> dict[str, Any]:
         """Eval-mode metrics on every split at the current weights, and the generalisation gap.
 
         ``gap`` is train accuracy − test accuracy for classification (train on the labels trained on, noisy
         or not), test loss − train loss for regression. With label noise, ``train_clean_acc`` is the accuracy
-        on the true training labels.
+        on the true training labels. With a :class:`~sharpness.SAM`, ``sam_loss_rise`` is the last epoch's
+        (the first-order sharpness estimate nearest the final weights; the per-epoch values are in the history).
         """
         metrics: dict[str, Any] = {}
         for key, value in self.evaluate(self.data.x_train, self.data.y_train).items():
@@ -371,7 +418,11 @@ class Trainer:
             sam_fraction=self.state.sam_fraction,
             passes_per_step=self.state.passes_per_step,
             train_seconds=self.state.train_seconds,
+            train_cpu_seconds=self.state.train_cpu_seconds,
         )
+        last = self.state.history[-1] if self.state.history else {}
+        if "sam_loss_rise" in last:
+            metrics["sam_loss_rise"] = last["sam_loss_rise"]
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
@@ -382,10 +433,13 @@ class Trainer:
         For a :attr:`sharded` model every process must call it (it gathers the full weights and optimizer state,
         :func:`~sharpness.train.distributed.full_state`); rank 0's holds them, in the layout of an unsharded run.
         """
-        if self.sharded:
-            model_state, optimizer_state = full_state(self.model, self.optimizer)
-        else:
-            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
+        with unperturbed_weights(self.optimizer) as moves:
+            if self.sharded:
+                model_state, optimizer_state = full_state(self.model, self.optimizer)
+            else:
+                model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
+            if moves:  # the parameters are perturbed again on leaving: keep copies of w
+                model_state = {key: value.clone() for key, value in model_state.items()}
         state = {
             "format": 1,
             "train_state": asdict(self.state),
@@ -401,6 +455,7 @@ class Trainer:
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
 
+    @_at_unperturbed_weights
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (usually read by :func:`sharpness.train.load_checkpoint`).
 
