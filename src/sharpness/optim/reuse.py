@@ -43,6 +43,7 @@ class LookSAMReuse:
         self.per_tensor = check_bool(per_tensor, "per_tensor", owner="LookSAMReuse")
         self.g_v: dict[Tensor, Tensor] = {}  # parameter -> stored orthogonal component
         self._first: dict[Tensor, Tensor] = {}  # parameter -> gradient at w of the current SAM step
+        self._v_norm: float | None = None  # ||g_v||, computed at the first ERM step after g_v changed
 
     def save_first_gradient(self, params: Buckets, grads: Buckets) -> None:
         """Keep ``g`` of a SAM step (the first pass's gradient is zeroed before the second pass)."""
@@ -74,6 +75,7 @@ class LookSAMReuse:
             g_v = [torch._foreach_add(s, f, alpha=-coefficient) for s, f in zip(g_s, g, strict=True)]
         if not math.isfinite(global_norm(g_v, 2.0, reduce)):
             return
+        self._v_norm = None
         self.g_v = {
             key: v.to(dtype)
             for bucket_keys, v_list, dtype in zip(keys, g_v, dtypes, strict=True)
@@ -95,12 +97,22 @@ class LookSAMReuse:
                 ratios = _safe_ratios(tensor_norms([g_list], 2.0), tensor_norms([v_list], 2.0))
                 torch._foreach_add_(g_list, torch._foreach_mul(v_list, [self.alpha * r for r in ratios]))
             return
-        v_norm = global_norm(g_v, 2.0, reduce)
+        v_norm = self._stored_norm(g_v, reduce)
         if not (math.isfinite(v_norm) and v_norm > 0.0):
             return
         scale = self.alpha * global_norm(g, 2.0, reduce) / v_norm
         for g_list, v_list in zip(g, g_v, strict=True):
             torch._foreach_add_(g_list, v_list, alpha=scale)
+
+    def _stored_norm(self, g_v: list[list[Tensor]], reduce: ShardReduce | None) -> float:
+        """``||g_v||``, the same on every ERM step until the next SAM step: computed once (at the first ERM step, so
+        after SAM has averaged ``g_v`` over replicas). Not cached when some stored tensor's parameter has no gradient
+        this step (the norm is then over the others) or for shards (every rank must join the reduction)."""
+        if reduce is not None or sum(map(len, g_v)) != len(self.g_v):
+            return global_norm(g_v, 2.0, reduce)
+        if self._v_norm is None:
+            self._v_norm = global_norm(g_v, 2.0, reduce)
+        return self._v_norm
 
     def state_dict(self, param_order: list[Tensor]) -> dict[str, Any]:
         """``g_v`` by the parameters' positions in ``param_order`` (as optimizer state dicts do), and the settings."""
@@ -116,6 +128,7 @@ class LookSAMReuse:
         if bad:
             raise ValueError(f"LookSAMReuse: the saved g_v names parameters {bad} this optimizer does not have")
         self.alpha, self.per_tensor = state["alpha"], state["per_tensor"]
+        self._v_norm = None
         self.g_v = {
             param_order[int(i)]: v.to(device=_local_view(param_order[int(i)]).device) for i, v in state["g_v"].items()
         }

@@ -12,6 +12,7 @@ step (one per backward), where per-replica ε would need the unreduced gradients
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -21,12 +22,27 @@ from torch import Tensor
 
 
 def is_sharded(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is a ``DTensor`` (FSDP2's parameters and gradients)."""
+    """Whether ``tensor`` is a ``DTensor`` (FSDP2's parameters and gradients).
+
+    Called for every parameter on every step: the class is looked up once (an ``import`` statement per call costs
+    more than the check), and a tensor of a plain class is answered without it.
+    """
+    if type(tensor) in _PLAIN:
+        return False
+    dtensor = _dtensor_class()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+@functools.cache
+def _dtensor_class() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch without DTensor
-        return False
-    return isinstance(tensor, DTensor)
+        return None
+    return DTensor
 
 
 class ShardReduce:
