@@ -24,6 +24,8 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(PY) benchmarks/bench_sam_step.py
+	$(PY) benchmarks/bench_erm_step.py
+	$(PY) benchmarks/bench_msam_step.py
 	$(PY) benchmarks/bench_train_loop.py
 	$(PY) benchmarks/bench_hessian.py
 	$(PY) benchmarks/bench_ddp.py

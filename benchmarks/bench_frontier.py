@@ -5,8 +5,11 @@ labels replaced, on the CLI's MNIST-1D setting (``cnn1d`` or ``--model``, ``--ep
 64) with a 10% validation split. Each variant has a small grid of hyper-parameters (ρ; LookSAM's α; LateSAM's start;
 see :data:`VARIANTS`): every grid point is trained for every seed and the point with the best mean **validation**
 accuracy is reported on the test set (never selected on test). Cost is the process CPU time of the training steps
-(``train_cpu_seconds``: it does not depend on what else runs on the machine, as long as each run is single-threaded),
-relative to SGD's mean on the same labels and model; wall-clock and forward/backward passes per step are shown as well.
+(``train_cpu_seconds``) relative to SGD's on the same labels and model, timed in a separate phase under equal
+conditions (``time_costs``: interleaved short runs of every variant's chosen setting in one process, single-threaded):
+CPU time excludes waiting, but a loaded machine still inflates it (shared caches and cores), so the CPU times of the
+accuracy runs, which shared the machine unevenly, are shown only for information, with their wall-clock and the
+forward/backward passes per step (independent of the machine).
 SAM-ON (``sam-norm``: ε on the normalisation layers' affine parameters only) needs normalisation layers, so it trains
 ``cnn1d-bn``, beside SGD and SAM on that model (``sgd-bn``, ``sam-bn``).
 
@@ -25,6 +28,7 @@ import itertools
 import json
 import multiprocessing
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +36,7 @@ from typing import Any
 import torch
 
 from sharpness.experiments.config import RunConfig
-from sharpness.experiments.runner import FINAL_NAME, run_training
+from sharpness.experiments.runner import FINAL_NAME, build_trainer, load_data, run_training
 from sharpness.experiments.stats import mean_ci95
 from sharpness.train import read_json
 
@@ -107,24 +111,58 @@ def collect(args: argparse.Namespace, noise: float) -> list[dict[str, Any]]:
         for key in ("test_acc", "train_cpu_seconds", "train_seconds", "passes_per_step", "sam_fraction"):
             row[f"{key}_mean"], row[f"{key}_ci95"] = mean_ci95([final[key] for final in finals])
         rows.append(row)
-    by_name = {row["variant"]: row for row in rows}
-    for row in rows:  # cost relative to SGD on the same model (sgd-bn for the cnn1d-bn rows)
-        sgd = by_name.get("sgd-bn" if row["variant"].endswith(("-bn", "-norm")) else "sgd")
+    for row in rows:
+        sgd = _yardstick(rows, row)
         for key in ("train_cpu_seconds", "train_seconds"):
             row[f"{key}_x_sgd"] = row[f"{key}_mean"] / sgd[f"{key}_mean"] if sgd else None
     return rows
 
 
+def _yardstick(rows: list[dict[str, Any]], row: dict[str, Any]) -> dict[str, Any] | None:
+    """SGD's row on the same model as ``row`` (``sgd-bn`` for the cnn1d-bn variants)."""
+    name = "sgd-bn" if row["variant"].endswith(("-bn", "-norm")) else "sgd"
+    return next((other for other in rows if other["variant"] == name), None)
+
+
+def time_costs(args: argparse.Namespace, noise: float, rows: list[dict[str, Any]]) -> None:
+    """CPU seconds of each row's chosen setting, timed under equal conditions: ``--cost-repeats`` interleaved rounds
+    of a short run (``--cost-epochs`` epochs, seed 0) of every variant in this process, the first variant rotated per
+    round; the median per variant, relative to SGD's, is ``cost_x_sgd`` (the runs of the accuracy phase shared the
+    machine with each other and with whatever else ran, which inflates their CPU times unevenly)."""
+    configs = {}
+    for row in rows:
+        fields = {**VARIANTS[row["variant"]]["fixed"], **row["chosen"]}
+        fields.setdefault("model", args.model)
+        configs[row["variant"]] = RunConfig(
+            dataset="mnist1d", epochs=args.cost_epochs, seed=0, label_noise=noise, val_split=0.1, threads=1, **fields
+        )
+    data = load_data(next(iter(configs.values())))
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    names = list(configs)
+    for repeat in range(args.cost_repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            trainer = build_trainer(configs[name], data)
+            trainer.fit()
+            times[name].append(trainer.state.train_cpu_seconds)
+    for row in rows:
+        row["cost_cpu_seconds"] = statistics.median(times[row["variant"]])
+    for row in rows:
+        sgd = _yardstick(rows, row)
+        row["cost_x_sgd"] = row["cost_cpu_seconds"] / sgd["cost_cpu_seconds"] if sgd else None
+
+
 def format_rows(rows: list[dict[str, Any]], noise: float) -> str:
     header = f"{'variant':<10} {'chosen on validation':<24} {'test acc % (95% CI)':>20} {'CPU ×SGD':>8} "
-    header += f"{'wall ×SGD':>9} {'passes/step':>11} {'SAM frac':>8}"
+    header += f"{'(runs)':>7} {'wall ×SGD (runs)':>16} {'passes/step':>11} {'SAM frac':>8}"
     lines = [f"label noise {noise:g}", header, "-" * len(header)]
     for row in rows:
         chosen = ", ".join(f"{key}={value:g}" for key, value in row["chosen"].items()) or "-"
         lines.append(
             f"{row['variant']:<10} {chosen:<24} "
             f"{100 * row['test_acc_mean']:>12.2f} ± {100 * row['test_acc_ci95']:<5.2f} "
-            f"{_ratio(row['train_cpu_seconds_x_sgd']):>8} {_ratio(row['train_seconds_x_sgd']):>9} "
+            f"{_ratio(row.get('cost_x_sgd')):>8} {_ratio(row['train_cpu_seconds_x_sgd']):>7} "
+            f"{_ratio(row['train_seconds_x_sgd']):>16} "
             f"{row['passes_per_step_mean']:>11.2f} {row['sam_fraction_mean']:>8.2f}"
         )
     return "\n".join(lines)
@@ -142,10 +180,10 @@ def draw(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
     for ax, (setting, rows) in zip(axes[0], results.items(), strict=True):
         for row in rows:
-            x = row["train_cpu_seconds_x_sgd"]
+            x = row["cost_x_sgd"]
             ax.errorbar(x, 100 * row["test_acc_mean"], yerr=100 * row["test_acc_ci95"], fmt="o", capsize=3)
             ax.annotate(row["variant"], (x, 100 * row["test_acc_mean"]), textcoords="offset points", xytext=(5, 4))
-        ax.set_xlabel("training CPU time relative to SGD")
+        ax.set_xlabel("training CPU time relative to SGD (timed under equal conditions)")
         ax.set_ylabel("test accuracy % (mean, 95% CI over seeds)")
         ax.set_title(setting)
         ax.grid(alpha=0.3)
@@ -160,6 +198,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="built-in model (default: MNIST-1D's, cnn1d)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
     parser.add_argument("--jobs", type=int, default=2, help="runs trained in parallel, each single-threaded")
+    parser.add_argument("--cost-epochs", type=int, default=6, help="epochs of each timed run of the cost phase")
+    parser.add_argument("--cost-repeats", type=int, default=5, help="interleaved rounds of the cost phase")
     parser.add_argument("--out", type=Path, default=Path("runs/frontier"), help="run folders (kept; resumable)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 epochs, 2 seeds, results *_quick.*")
     parser.add_argument("--json", type=Path, default=None, help="default benchmarks/results/frontier.json")
@@ -170,6 +210,7 @@ def main() -> None:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
     if args.quick:
         args.epochs, args.seeds, args.out = 3, 2, args.out.with_name(args.out.name + "-quick")
+        args.cost_epochs, args.cost_repeats = 1, 1
     stem = "frontier_quick" if args.quick else "frontier"
     json_path = args.json or RESULTS / f"{stem}.json"
     started = time.perf_counter()
@@ -179,6 +220,9 @@ def main() -> None:
             print(f"\r{done}/{len(jobs)} runs", end="", flush=True)
     print()
     results = {f"label noise {noise:g}": collect(args, noise) for noise in (0.0, args.label_noise)}
+    torch.set_num_threads(1)
+    for rows, noise in zip(results.values(), (0.0, args.label_noise), strict=True):
+        time_costs(args, noise, rows)
     for rows, noise in zip(results.values(), (0.0, args.label_noise), strict=True):
         print(format_rows(rows, noise), end="\n\n")
     record = {
