@@ -174,12 +174,27 @@ def accuracy_check(label: str, name: str, table: dict[str, dict[str, Any]]) -> C
     )
 
 
+TIMING_RESOLUTION = 0.05
+"""Fraction of SGD's CPU seconds below which two CPU times are not told apart (:func:`cost_check`)."""
+
+
 def cost_check(table: dict[str, dict[str, Any]]) -> Check:
     """Claim (4): SGD is the cheapest and SAM the dearest, every other optimizer of ``table`` in between, by the
     median CPU seconds of the training steps (waiting while other work holds the CPU does not count, so machine
-    load does not decide the verdict); wall-clock is reported beside it, not judged."""
+    load does not decide the verdict); wall-clock is reported beside it, not judged.
+
+    A comparison whose two CPU times differ by less than :data:`TIMING_RESOLUTION` × SGD's is within what the timing
+    can resolve (a loaded machine still shifts CPU time a little: shared caches and cores): then the claim is
+    UNDECIDED, unless another comparison already fails it. A short run whose AE-LookSAM takes nearly every step as a
+    SAM step, for instance, costs what SAM costs.
+    """
     cpu = {name: row["train_cpu_seconds_median"] for name, row in table.items()}
     others = [cpu[name] for name in table if name not in ("sgd", "sam")]
+    pairs = [(cpu["sgd"], c) for c in others] + [(c, cpu["sam"]) for c in others]
+    resolution = TIMING_RESOLUTION * cpu["sgd"]
+    passed = all(cheaper < dearer for cheaper, dearer in pairs)
+    failed_clearly = any(cheaper - dearer >= resolution for cheaper, dearer in pairs)
+    resolved = all(abs(dearer - cheaper) >= resolution for cheaper, dearer in pairs)
 
     def listed(key: str, unit: str, ratio: str) -> str:
         return ", ".join(f"{LABELS[n]} {row[key]:.2f} {unit} ({row[ratio]:.2f}x)" for n, row in table.items())
@@ -188,9 +203,10 @@ def cost_check(table: dict[str, dict[str, Any]]) -> Check:
         "(4) the passes saved show in the training cost: SGD costs least and SAM most, every efficient variant "
         "lies in between (median CPU seconds of the training steps over seeds, evaluation excluded, "
         "single-threaded)",
-        all(cpu["sgd"] < c < cpu["sam"] for c in others),
+        passed,
         f"CPU: {listed('train_cpu_seconds_median', 'CPU s', 'cpu_vs_sgd')}; wall-clock (not judged: it depends on "
         f"the machine's load): {listed('train_seconds_median', 's', 'time_vs_sgd')}",
+        decided=resolved or failed_clearly,
     )
 
 
