@@ -23,6 +23,7 @@ import transformers
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from sharpness.integrations.accelerate import unwrap_sam
 from sharpness.optim.sam import SAM
 
 Window = list[tuple[dict[str, Any], Any]]  # (inputs, num_items_in_batch) of each micro-batch in the window
@@ -122,7 +123,7 @@ class SAMTrainerMixin:
 
     def _sam(self) -> SAM:
         """The SAM inside the Trainer's optimizer (accelerate wraps it in an ``AcceleratedOptimizer``)."""
-        return getattr(self.optimizer, "optimizer", self.optimizer)
+        return unwrap_sam(self.optimizer)
 
 
 class SAMTrainer(SAMTrainerMixin, transformers.Trainer):
