@@ -131,6 +131,7 @@ class Checkpointer(Callback):
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if record["epoch"] % self.every == 0 or record["epoch"] == trainer.epochs:
-            state = trainer.state_dict()  # with a sharded model a collective: every process gathers, rank 0 writes
             if trainer.rank == 0:
-                save_checkpoint(state, self.path)
+                save_checkpoint(trainer.state_dict(), self.path)
+            elif trainer.sharded:  # gathering a sharded model's state is a collective: every process takes part
+                trainer.state_dict()
