@@ -32,7 +32,7 @@ def test_sam_probability_of_the_normal_model() -> None:
 def _row(acc: float, ci: float, passes: float, cpu: float, wall: float, seeds: int = 5) -> dict[str, float]:
     return {"seeds": seeds, "test_acc_mean": acc, "test_acc_ci95": ci, "passes_per_step": passes,
             "sam_fraction": passes - 1, "train_cpu_seconds_median": cpu, "train_seconds_median": wall,
-            "cpu_vs_sgd": cpu / 10, "time_vs_sgd": wall / 10}  # fmt: skip
+            "cpu_vs_sgd": cpu / 10, "time_vs_sgd": wall / 10, "cpu_vs_sgd_range": 0.0}  # fmt: skip
 
 
 def test_accuracy_claim_is_undecided_when_its_tolerance_cannot_tell_sam_from_sgd() -> None:
@@ -56,13 +56,21 @@ def test_cost_claim_is_judged_on_cpu_time_not_wall_clock() -> None:
              "aesam": _row(0.95, 0.01, 1.43, 14, 40)}  # fmt: skip
     check = cost_check(table)  # wall-clock (a loaded machine during SGD's and AE-SAM's runs) would fail it
     assert check.status == "PASS" and "AE-SAM 14.00 CPU s (1.40x)" in check.detail and "AE-SAM 40.00 s" in check.detail
-    table["aesam"]["train_cpu_seconds_median"] = 21
+    table["aesam"]["cpu_vs_sgd"] = 2.1
     assert cost_check(table).status == "FAIL"
-    # a tie within the timing resolution (5% of SGD's 10 s) cannot be told apart: undecided, not failed
-    table["aesam"]["train_cpu_seconds_median"] = 19.8
+    # a tie within the timing resolution (at least 5% of SGD's cost) cannot be told apart: undecided, not failed
+    table["aesam"]["cpu_vs_sgd"] = 1.98
     assert cost_check(table).status == "UNDECIDED"
-    table["aesam"]["train_cpu_seconds_median"] = 20.2
+    table["aesam"]["cpu_vs_sgd"] = 2.02
     assert cost_check(table).status == "UNDECIDED"
+    # SAM's ratio varying by 0.3 across seeds (the same work each time) widens the resolution to 0.3x SGD
+    table["aesam"]["cpu_vs_sgd"] = 2.2
+    assert cost_check(table).status == "FAIL"
+    table["sam"]["cpu_vs_sgd_range"] = 0.3
+    check = cost_check(table)
+    assert check.status == "UNDECIDED" and "resolution 0.30x SGD" in check.detail
+    table["aesam"]["cpu_vs_sgd"] = 2.4  # beyond the measured noise: a clear failure
+    assert cost_check(table).status == "FAIL"
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +106,16 @@ def test_quick_run_checks_and_outputs(quick) -> None:
 
 
 def test_quick_run_numbers_are_consistent(quick) -> None:
-    _, result, _ = quick
+    out, result, _ = quick
     table = result.numbers["optimizers"]
     assert list(table) == ["sgd", "sam", "aesam", "aelooksam"]
+    # cost: each run's CPU seconds over SGD's on the same seed, median (of 2: the mean) and range over the seeds
+    finals = {d.name: json.loads((d / "final.json").read_text()) for d in (out / "compare" / "runs").iterdir()}
+    for name in ("sam", "aesam", "aelooksam"):
+        ratios = [finals[f"{name}-rho0.05-seed{s}"]["train_cpu_seconds"] / finals[f"sgd-seed{s}"]["train_cpu_seconds"]
+                  for s in (0, 1)]  # fmt: skip
+        assert table[name]["cpu_vs_sgd"] == pytest.approx(np.mean(ratios), rel=1e-12)
+        assert table[name]["cpu_vs_sgd_range"] == pytest.approx(abs(ratios[1] - ratios[0]), rel=1e-12)
     assert (table["sgd"]["passes_per_step"], table["sgd"]["sam_fraction"]) == (1.0, 0.0)
     assert (table["sam"]["passes_per_step"], table["sam"]["sam_fraction"]) == (2.0, 1.0)
     assert table["sgd"]["time_vs_sgd"] == 1.0

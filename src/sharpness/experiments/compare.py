@@ -32,11 +32,14 @@ def run_label(config: RunConfig) -> str:
 
 
 def plan_runs(config: CompareConfig) -> Iterator[RunConfig]:
-    """Every run of the comparison, in the order they are trained."""
-    for optimizer in config.optimizers:
-        grid = config.rho_grid if config.rho_grid and optimizer in RHO_OPTIMIZERS else [config.run.rho]
-        for rho in grid:
-            for seed in range(config.first_seed, config.first_seed + config.seeds):
+    """Every run of the comparison, in the order they are trained: seed by seed, every optimizer (and ρ) of a seed
+    before the next seed. The runs compared with each other thus train close together in time, so that a machine
+    whose load changes during the comparison changes their times alike; and an interrupted comparison already
+    holds every optimizer for its first seeds."""
+    for seed in range(config.first_seed, config.first_seed + config.seeds):
+        for optimizer in config.optimizers:
+            grid = config.rho_grid if config.rho_grid and optimizer in RHO_OPTIMIZERS else [config.run.rho]
+            for rho in grid:
                 yield dataclasses.replace(
                     config.run, optimizer=optimizer, rho=rho, seed=seed, epochs=config.epochs_for(optimizer)
                 )

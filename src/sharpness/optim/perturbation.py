@@ -58,25 +58,32 @@ def _safe_range(dtype: torch.dtype) -> tuple[float, float]:
 
 
 def tensor_norms(buckets: Buckets, ord: float) -> Tensor:
-    """The ``ord``-norm of every tensor of ``buckets``, in order, as a float64 CPU vector, without over/underflow.
+    """The ``ord``-norm of every tensor of ``buckets``, in order, as a float64 CPU vector, without over/underflow
+    (:func:`tensor_norm_values` as a tensor)."""
+    return torch.tensor(tensor_norm_values(buckets, ord), dtype=torch.float64)
+
+
+def tensor_norm_values(buckets: Buckets, ord: float) -> list[float]:
+    """The ``ord``-norm of every tensor of ``buckets``, in order, as Python floats, without over/underflow.
 
     Inf/NaN entries give inf/NaN. The common case is one ``torch._foreach_norm`` per bucket, accumulated in
-    float32 or wider, and one host transfer for all of them.
+    float32 or wider, and one host transfer for all of them; the range checks run on the host (a few floats: cheaper
+    than launching tensor operations for them).
     """
     buckets = [tensors for tensors in buckets if tensors]
     if not buckets:
-        return torch.zeros(0, dtype=torch.float64)
+        return []
     raw = [torch.stack(torch._foreach_norm(ts, ord, dtype=accumulation_dtype(ts[0].dtype))) for ts in buckets]
-    norms = torch.cat([n.double() for n in raw]).cpu()
+    norms: list[float] = (raw[0] if len(raw) == 1 else torch.cat([n.double() for n in raw])).tolist()
     if ord in (1.0, math.inf):  # sums of |h| or a max: no squares to overflow
         return norms
     start = 0
     for tensors in buckets:
         low, high = _safe_range(accumulation_dtype(tensors[0].dtype))
-        part = norms[start : start + len(tensors)]
-        suspect = ((part < low) | (part > high)).nonzero().flatten().tolist()  # 0 may be an underflow
+        suspect = [i for i in range(len(tensors)) if not low <= norms[start + i] <= high]  # 0 may be an underflow
         if suspect:  # rare: measure these again as max|h| · ||h / max|h|||
-            part[suspect] = _scaled_norms([tensors[i] for i in suspect], ord)
+            for i, value in zip(suspect, _scaled_norms([tensors[i] for i in suspect], ord).tolist(), strict=True):
+                norms[start + i] = value
         start += len(tensors)
     return norms
 
@@ -97,24 +104,24 @@ def _scaled_norms(tensors: list[Tensor], ord: float) -> Tensor:
     return peaks
 
 
-def combine_norms(norms: Tensor, ord: float, sizes: Sequence[int] | None = None) -> float:
-    """``||(n_1, ..., n_k)||_ord`` of per-tensor norms (float64); ``sizes``: how many of them each bucket has.
+def combine_norms(norms: Sequence[float], ord: float) -> float:
+    """``||(n_1, ..., n_k)||_ord`` of non-negative per-tensor norms, in float64 on the host, without over/underflow.
 
-    In range, the norms are combined per bucket, then across buckets (the order version 0.1 used, so results are
-    bitwise those of earlier runs); a peak beyond ``1e±140`` is divided out first, so float64 squares cannot
-    over- or underflow.
+    ``ord = 2`` is ``math.hypot`` (scaled internally, accurate to about one ulp); other orders divide the peak out
+    first, so that no power overflows. NaN when an entry is NaN, else inf when one is inf.
     """
-    if norms.numel() == 0:
+    if not norms:
         return 0.0
-    if ord in (1.0, math.inf):
-        return float(torch.linalg.vector_norm(norms, ord))
-    peak = float(norms.abs().max())
-    if not math.isfinite(peak) or peak == 0.0:
-        return float(torch.linalg.vector_norm(norms, ord))  # inf or nan, as the entries say
-    if not 1e-140 <= peak <= 1e140:
-        return peak * float(torch.linalg.vector_norm(norms / peak, ord))
-    parts = norms.split(list(sizes)) if sizes is not None else (norms,)
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p, ord) for p in parts]), ord))
+    if any(math.isnan(n) for n in norms):
+        return math.nan
+    if ord == 2:
+        return math.hypot(*norms)
+    peak = max(norms)
+    if math.isinf(ord) or math.isinf(peak) or peak == 0.0:
+        return peak
+    if ord == 1:
+        return math.fsum(norms)
+    return peak * math.fsum((n / peak) ** ord for n in norms) ** (1.0 / ord)
 
 
 def global_norm(buckets: Buckets, ord: float, reduce: ShardReduce | None = None) -> float:
@@ -122,8 +129,7 @@ def global_norm(buckets: Buckets, ord: float, reduce: ShardReduce | None = None)
 
     With ``reduce`` the buckets are this rank's shards and the norm is taken over every rank's (one all-reduce).
     """
-    sizes = [len(tensors) for tensors in buckets if tensors]
-    local = combine_norms(tensor_norms(buckets, ord), ord, sizes)
+    local = combine_norms(tensor_norm_values(buckets, ord), ord)
     return local if reduce is None else reduce.norm(local, ord)
 
 

@@ -25,6 +25,7 @@ is not finite is never stored (the previous one is kept), and a stored ``g_v`` o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,15 +44,18 @@ class LookSAMReuse:
         self.per_tensor = check_bool(per_tensor, "per_tensor", owner="LookSAMReuse")
         self.g_v: dict[Tensor, Tensor] = {}  # parameter -> stored orthogonal component
         self._first: dict[Tensor, Tensor] = {}  # parameter -> gradient at w of the current SAM step
-        self._v_norm: float | None = None  # ||g_v||, computed at the first ERM step after g_v changed
+        self._first_norm: float | None = None  # ||g|| of the saved g, when the caller knew it
+        self._v_norm: float | None = None  # ||g_v||, once measured (kept until g_v changes)
 
-    def save_first_gradient(self, params: Buckets, grads: Buckets) -> None:
-        """Keep ``g`` of a SAM step (the first pass's gradient is zeroed before the second pass)."""
+    def save_first_gradient(self, params: Buckets, grads: Buckets, norm: float | None = None) -> None:
+        """Keep ``g`` of a SAM step (the first pass's gradient is zeroed before the second pass); ``norm``: its
+        2-norm if the caller measured it already (over every rank's shards, for sharded parameters)."""
         self._first = {p: g.detach().clone() for p, g in _pairs(params, grads)}
+        self._first_norm = norm
 
     def discard_first_gradient(self) -> None:
         """Forget the saved ``g`` of a SAM step that was skipped or abandoned."""
-        self._first = {}
+        self._first, self._first_norm = {}, None
 
     @torch.no_grad()
     def update(self, params: Buckets, sam_grads: Buckets, reduce: ShardReduce | None = None) -> None:
@@ -61,7 +65,8 @@ class LookSAMReuse:
         the buckets are this rank's shards of sharded parameters, and inner products and norms span the ranks.
         """
         keys, g_s, g = _matched(params, sam_grads, self._first)
-        self._first = {}
+        g_norm = self._first_norm if sum(map(len, g)) == len(self._first) else None  # a norm over all of g
+        self.discard_first_gradient()
         _check_sharding(self.per_tensor, reduce)
         if not keys and reduce is None:
             return
@@ -71,20 +76,29 @@ class LookSAMReuse:
             pairs = zip(g_s, g, strict=True)
             g_v = [torch._foreach_sub(s, torch._foreach_mul(f, _tensor_coefficients(s, f))) for s, f in pairs]
         else:
-            coefficient = _projection_coefficient(g_s, g, reduce)
+            coefficient = _projection_coefficient(g_s, g, reduce, g_norm)
             g_v = [torch._foreach_add(s, f, alpha=-coefficient) for s, f in zip(g_s, g, strict=True)]
-        if not math.isfinite(global_norm(g_v, 2.0, reduce)):
+        v_norm = global_norm(g_v, 2.0, reduce)
+        if not math.isfinite(v_norm):
             return
-        self._v_norm = None
+        self._v_norm = v_norm if dtypes == [bucket[0].dtype for bucket in g_v] else None  # else stored rounded
         self.g_v = {
             key: v.to(dtype)
             for bucket_keys, v_list, dtype in zip(keys, g_v, dtypes, strict=True)
             for key, v in zip(bucket_keys, v_list, strict=True)
         }
 
+    def average_over_replicas(self, average: Callable[[list[Tensor]], None]) -> None:
+        """Average the stored ``g_v`` in place over data-parallel replicas with ``average`` (a collective)."""
+        average(list(self.g_v.values()))
+        self._v_norm = None
+
     @torch.no_grad()
-    def apply(self, params: Buckets, grads: Buckets, reduce: ShardReduce | None = None) -> None:
-        """On an ERM step, in place: ``g += α (||g|| / ||g_v||) g_v`` (a no-op before the first SAM step)."""
+    def apply(
+        self, params: Buckets, grads: Buckets, reduce: ShardReduce | None = None, g_norm: float | None = None
+    ) -> None:
+        """On an ERM step, in place: ``g += α (||g|| / ||g_v||) g_v`` (a no-op before the first SAM step);
+        ``g_norm``: ``||g||`` over all of ``grads`` if the caller measured it already."""
         _check_sharding(self.per_tensor, reduce)
         stored = bool(self.g_v) if reduce is None else not reduce.all_true(not self.g_v)  # any rank holds g_v
         if not stored or self.alpha == 0.0:
@@ -92,6 +106,8 @@ class LookSAMReuse:
         _, g, g_v = _matched(params, grads, self.g_v)
         if not g and reduce is None:
             return
+        if sum(map(len, g)) != sum(map(len, grads)):
+            g_norm = None  # some gradient has no stored g_v: ||g|| is over the others
         if self.per_tensor:
             for g_list, v_list in zip(g, g_v, strict=True):
                 ratios = _safe_ratios(tensor_norms([g_list], 2.0), tensor_norms([v_list], 2.0))
@@ -100,13 +116,13 @@ class LookSAMReuse:
         v_norm = self._stored_norm(g_v, reduce)
         if not (math.isfinite(v_norm) and v_norm > 0.0):
             return
-        scale = self.alpha * global_norm(g, 2.0, reduce) / v_norm
+        scale = self.alpha * (g_norm if g_norm is not None else global_norm(g, 2.0, reduce)) / v_norm
         for g_list, v_list in zip(g, g_v, strict=True):
             torch._foreach_add_(g_list, v_list, alpha=scale)
 
     def _stored_norm(self, g_v: list[list[Tensor]], reduce: ShardReduce | None) -> float:
-        """``||g_v||``, the same on every ERM step until the next SAM step: computed once (at the first ERM step, so
-        after SAM has averaged ``g_v`` over replicas). Not cached when some stored tensor's parameter has no gradient
+        """``||g_v||``, the same on every ERM step until the next SAM step: measured once (when stored, or at the first
+        ERM step after an average over replicas). Not cached when some stored tensor's parameter has no gradient
         this step (the norm is then over the others) or for shards (every rank must join the reduction)."""
         if reduce is not None or sum(map(len, g_v)) != len(self.g_v):
             return global_norm(g_v, 2.0, reduce)
@@ -163,16 +179,19 @@ def _upcast(buckets: Buckets) -> list[list[Tensor]]:
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _projection_coefficient(a: Buckets, b: Buckets, reduce: ShardReduce | None = None) -> float:
-    """``<a, b> / ||b||²`` over all buckets as ``(||a||/||b||) cos θ`` (0 when either vector is 0)."""
-    a_norm, b_norm = global_norm(a, 2.0, reduce), global_norm(b, 2.0, reduce)
+def _projection_coefficient(
+    a: Buckets, b: Buckets, reduce: ShardReduce | None = None, b_norm: float | None = None
+) -> float:
+    """``<a, b> / ||b||²`` over all buckets as ``(||a||/||b||) cos θ``, ``cos θ = 1 - ||a/||a|| - b/||b||||² / 2``
+    (0 when either vector is 0); ``b_norm``: ``||b||`` if known."""
+    a_norm = global_norm(a, 2.0, reduce)
+    b_norm = b_norm if b_norm is not None else global_norm(b, 2.0, reduce)
     if a_norm == 0.0 or b_norm == 0.0:
         return 0.0
-    a_unit = [torch._foreach_div(ts, a_norm) for ts in a]
-    b_unit = [torch._foreach_div(ts, b_norm) for ts in b]
-    plus = [torch._foreach_add(x, y) for x, y in zip(a_unit, b_unit, strict=True)]
-    minus = [torch._foreach_sub(x, y) for x, y in zip(a_unit, b_unit, strict=True)]
-    cosine = (global_norm(plus, 2.0, reduce) ** 2 - global_norm(minus, 2.0, reduce) ** 2) / 4.0
+    difference = [torch._foreach_div(ts, a_norm) for ts in a]
+    for d, ts in zip(difference, b, strict=True):
+        torch._foreach_sub_(d, torch._foreach_div(ts, b_norm))
+    cosine = 1.0 - global_norm(difference, 2.0, reduce) ** 2 / 2.0
     return (a_norm / b_norm) * cosine
 
 

@@ -410,12 +410,15 @@ class SAM(Optimizer):
             return False  # not finite on some replica: every replica skips
         p = common_p(self.param_groups)
         perturbed = [bucket for bucket in buckets if bucket.group["sam_perturb"]]
-        hs, norm, divisor = self._ascent_inputs(perturbed, loss_scale, p)
+        # h = g on every bucket: ||h|| is ||g||, which the policy may have measured already and LookSAM needs
+        h_is_g = p == 2 and len(perturbed) == len(buckets) and all(map(_is_plain_gradient, buckets))
+        hs, norm, divisor = self._ascent_inputs(perturbed, loss_scale, p, h_is_g)
         self.last_grad_norm = norm * divisor / loss_scale
         if not (math.isfinite(norm) and self._unperturbed_gradient_finite(buckets)):
             return False
         if self.reuse is not None:
-            self.reuse.save_first_gradient([b.owners for b in buckets], all_gradients(buckets))
+            g_norm = norm if h_is_g and divisor == 1.0 else None
+            self.reuse.save_first_gradient([b.owners for b in buckets], all_gradients(buckets), g_norm)
         if norm > 0.0:
             directions, coefficient = unit_ascent(hs, p, norm, self._shard)
             snapshots = [self._snapshot_for(bucket) for bucket in perturbed]
@@ -438,15 +441,17 @@ class SAM(Optimizer):
         return all_finite(flat_gradients(rest), self._shard)
 
     def _ascent_inputs(
-        self, buckets: list[Bucket], loss_scale: float, p: float
+        self, buckets: list[Bucket], loss_scale: float, p: float, h_is_g: bool = False
     ) -> tuple[list[list[Tensor]], float, float]:
         """``(h, ||h||_q, d)`` with ``h = T_w (±g + λ w) / d`` per bucket; ``d = 1`` unless ``h`` overflowed.
 
         ``ε̂`` is homogeneous of degree 0 in ``h``, so when the products overflow for a finite gradient
-        (a huge ``T_w g``) ``h`` is rebuilt from ``g / max|g|`` (``d = max|g|``).
+        (a huge ``T_w g``) ``h`` is rebuilt from ``g / max|g|`` (``d = max|g|``). ``h_is_g``: ``h`` is the whole
+        gradient and ``p = 2``, so the policy's ``||g||`` (this replica's, without a loss scale) is ``||h||``.
         """
         hs = [_ascent_input(bucket, loss_scale, 1.0) for bucket in buckets]
-        norm = dual_norm(hs, p, self._shard)
+        known = h_is_g and loss_scale == 1.0 and self._grad_norm is not None and not self._replica_local()
+        norm = self._grad_norm if known else dual_norm(hs, p, self._shard)
         if math.isfinite(norm):
             return hs, norm, 1.0
         divisor = global_norm(all_gradients(buckets), math.inf, self._shard)
@@ -573,7 +578,7 @@ class SAM(Optimizer):
             buckets = self._buckets()
             self.reuse.update([b.owners for b in buckets], all_gradients(buckets), self._shard)
             if self._replica_local():  # g_v came from this replica's g: the replicas' mean keeps them equal
-                self._sync.average(list(self.reuse.g_v.values()))
+                self.reuse.average_over_replicas(self._sync.average)
         self.base_optimizer.step()
         self._count_step(sam=True)
 
@@ -583,10 +588,10 @@ class SAM(Optimizer):
             return all_finite(held_gradients(self.param_groups))
         return all_finite(flat_gradients(self._buckets()), self._shard)
 
-    def _finish_erm_step(self, buckets: list[Bucket] | None = None) -> None:
+    def _finish_erm_step(self, buckets: list[Bucket] | None = None, g_norm: float | None = None) -> None:
         if self.reuse is not None:
             buckets = buckets if buckets is not None else self._buckets()
-            self.reuse.apply([b.owners for b in buckets], all_gradients(buckets), self._shard)
+            self.reuse.apply([b.owners for b in buckets], all_gradients(buckets), self._shard, g_norm=g_norm)
         self.base_optimizer.step()
         self._count_step(sam=False)
 
@@ -643,7 +648,7 @@ class SAM(Optimizer):
         self._begin_step()
         loss, buckets = self._first_pass(closure)
         if not self._decide_once(buckets):
-            self._erm_or_skip(buckets)
+            self._erm_or_skip(buckets, known_norm=True)
             return loss
         perturbed = self._perturb(buckets, 1.0)
         del buckets  # the first pass's gradients are freed before the second pass
@@ -693,11 +698,15 @@ class SAM(Optimizer):
                 "by step()"
             )
 
-    def _erm_or_skip(self, buckets: list[Bucket]) -> None:
-        """The ERM step on the held first gradient; a skipped step when it is not finite (on some replica)."""
+    def _erm_or_skip(self, buckets: list[Bucket], known_norm: bool = False) -> None:
+        """The ERM step on the held first gradient; a skipped step when it is not finite (on some replica).
+
+        ``known_norm``: the gradient carries no loss scale (``step(closure)``), so ``||g||``, once computed for the
+        policy, is the norm of the gradient the reuse rule sees (unless it is averaged over replicas here)."""
         if self._first_gradient_finite(buckets):
+            g_norm = self._grad_norm if known_norm and not self._replica_local() else None
             self._average_local_gradients(buckets)
-            self._finish_erm_step(buckets)
+            self._finish_erm_step(buckets, g_norm)
         else:
             self._skip(None)
 
@@ -830,6 +839,13 @@ def _ascent_input(bucket: Bucket, loss_scale: float, divisor: float) -> list[Ten
         torch._foreach_add_(bucket.scale, bucket.group["sam_eta"])
         h = torch._foreach_mul(h, bucket.scale)
     return list(h)
+
+
+def _is_plain_gradient(bucket: Bucket) -> bool:
+    """Whether :func:`_ascent_input` gives the bucket's gradient itself (no sign, weight decay or ASAM scaling)."""
+    group = bucket.group
+    weight_decay = group.get("weight_decay", 0.0) if group["sam_include_weight_decay"] else 0.0
+    return not (group.get("maximize", False) or weight_decay or bucket.scaled)
 
 
 def _move(bucket: Bucket, direction: list[Tensor], coefficient: float) -> None:
