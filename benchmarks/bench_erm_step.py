@@ -102,7 +102,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     result = bench(args.repeats, args.steps, args.warmup)
     print(f"ERM step vs SGD step, 244-tensor MLP, batch {BATCH}, {args.threads} thread(s), median of {args.repeats}")
-    print(f"{'optimizer':<12} {'median ms':>10} {'IQR ms':>14} {'× SGD':>7}  target <= {TARGET}")
+    print(f"{'optimizer':<12} {'CPU ms':>10} {'IQR ms':>14} {'× SGD':>7}  target <= {TARGET}")
     for name, entry in result.items():
         iqr = f"{entry['q1_ms']:.2f}-{entry['q3_ms']:.2f}"
         print(f"{name:<12} {entry['median_ms']:>10.3f} {iqr:>14} {entry['x_sgd']:>7.3f}  {entry['verdict']}")

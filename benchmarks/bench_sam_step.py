@@ -13,8 +13,9 @@ Contenders (each on its own deep copy of one initial model, all fed the same fix
 
 Method. After a warm-up, every repeat runs one block of ``steps`` consecutive steps per contender, the
 contenders taken round-robin and the starting contender rotated from repeat to repeat, so that slow phases of
-the machine (other tenants, frequency changes) hit all contenders alike. A block is timed with
-``time.perf_counter`` with the garbage collector paused (as ``timeit`` does); the time per step is block
+the machine (other tenants, frequency changes) hit all contenders alike. A block is timed in the process's CPU
+seconds (``time.process_time``; ``time.perf_counter`` on a GPU) with the garbage collector paused (as ``timeit``
+does), so that time the virtual machine's CPU is taken away ("steal") does not count; the time per step is block
 time / ``steps``. The report gives, per contender, the median over repeats and the interquartile range (IQR).
 SAM's overhead beyond its two forward/backward passes is ``median(SAM step) - 2 * median(fwd_bwd)``, in ms and
 as a percentage of the SAM step; "SAM-only" also takes away the base SGD update (``median(SGD step) -
@@ -208,16 +209,19 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_block(step: Step, steps: int, device: torch.device) -> float:
-    """Seconds per step over ``steps`` consecutive steps, garbage collector paused."""
+    """Seconds per step over ``steps`` consecutive steps, garbage collector paused: the process's CPU seconds on a
+    CPU device (time the virtual machine's CPU was taken away, or spent on other work, does not count), wall-clock
+    seconds on an accelerator (whose work the process's CPU time does not show)."""
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
     gc.collect()
     gc.disable()
     try:
         synchronize(device)
-        start = time.perf_counter()
+        start = clock()
         for _ in range(steps):
             step()
         synchronize(device)
-        return (time.perf_counter() - start) / steps
+        return (clock() - start) / steps
     finally:
         gc.enable()
 

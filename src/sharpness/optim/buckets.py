@@ -60,6 +60,51 @@ def collect_buckets(param_groups: list[dict[str, Any]], defaults: Mapping[str, A
     return list(buckets.values())
 
 
+class BucketCache:
+    """:func:`collect_buckets` remembered between steps.
+
+    The layout (which parameter goes to which bucket, and its arithmetic view) is rebuilt only when it could have
+    changed: the groups, their parameters, which of them hold a gradient, a parameter's dtype or device, or ASAM's
+    settings. Otherwise a call only collects the current gradient tensors (each backward may create new ones), which
+    saves most of the per-parameter work on every step. Layouts with sharded (``DTensor``) or complex parameters are
+    not remembered: their views are taken afresh each step.
+    """
+
+    def __init__(self) -> None:
+        self._signature: tuple[Any, ...] | None = None
+        self._layout: list[Bucket] = []
+
+    def collect(self, param_groups: list[dict[str, Any]], defaults: Mapping[str, Any]) -> list[Bucket]:
+        """The buckets of :func:`collect_buckets` (fresh :class:`Bucket` objects, current gradients)."""
+        signature = _layout_signature(param_groups, defaults)
+        if signature != self._signature:
+            buckets = collect_buckets(param_groups, defaults)
+            cacheable = all(owner is tensor for b in buckets for owner, tensor in zip(b.owners, b.params, strict=True))
+            self._signature, self._layout = (signature if cacheable else None), buckets
+            return buckets
+        return [
+            Bucket(b.key, b.group, b.scaled, b.owners, b.params, [p.grad for p in b.owners]) for b in self._layout
+        ]
+
+
+def _layout_signature(param_groups: list[dict[str, Any]], defaults: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What the bucket layout depends on (the groups are filled and validated on the way, as for a rebuild)."""
+    signature: list[Any] = []
+    for group in param_groups:
+        fill_group(group, defaults)
+        params = group["params"]
+        signature += [
+            id(group),
+            group["sam_adaptive"],
+            group["sam_adaptive_scope"],
+            tuple(map(id, params)),
+            tuple(p.grad is None for p in params),
+            tuple(p.dtype for p in params),
+            tuple(p.device for p in params),
+        ]
+    return tuple(signature)
+
+
 def _arithmetic_views(param: Tensor) -> tuple[Tensor, Tensor]:
     """The tensors SAM computes on for ``param`` and its gradient: local shards, real views of complex ones."""
     tensor, grad = param, param.grad

@@ -23,8 +23,8 @@ from sharpness.optim import amp
 from sharpness.optim.batchnorm import BatchNormStatsGuard
 from sharpness.optim.buckets import (
     Bucket,
+    BucketCache,
     all_gradients,
-    collect_buckets,
     first_nonempty_gradient,
     flat_gradients,
     held_gradients,
@@ -177,6 +177,7 @@ class SAM(Optimizer):
         self._phase: Phase = "idle"
         self.attach_model(model, epsilon_from)
         self._snapshots: dict[tuple[Any, ...], TensorSnapshot] = {}
+        self._bucket_cache = BucketCache()
         self._decision: bool | None = None  # the policy's answer for the current step, once asked
         self._grad_norm: float | None = None  # ||g||_2 of the current step's first gradient, unscaled, once known
         self._via_scaler = False  # step() is being called by GradScaler.step, which checked finiteness
@@ -271,7 +272,7 @@ class SAM(Optimizer):
     # ------------------------------------------------------------------ gradients
 
     def _buckets(self) -> list[Bucket]:
-        return collect_buckets(self.param_groups, self.defaults)
+        return self._bucket_cache.collect(self.param_groups, self.defaults)
 
     def _require_buckets(self, caller: str) -> list[Bucket]:
         buckets = self._buckets()
