@@ -153,6 +153,42 @@ def test_rho_grid_selects_on_validation_and_reports_test(tmp_path: Path) -> None
     assert row["runs"] == [f"sam-rho{chosen}-seed0", f"sam-rho{chosen}-seed1"]
 
 
+def test_optimizer_settings_apply_to_that_optimizer_only_and_runs_go_seed_by_seed(tmp_path: Path) -> None:
+    """A TOML ``[optimizer_settings.msam]`` table gives MSAM its own ρ; the runs train seed by seed (the order of
+    their ``final.json`` files), so that runs compared with each other share the machine's state."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        'optimizers = ["sgd", "sam", "msam"]\nseeds = 2\nrho = 0.05\n[optimizer_settings.msam]\nrho = 0.7\n'
+    )
+    out = tmp_path / "cmp"
+    assert main(["compare", *TINY, "--epochs", "1", "--config", str(config), "--out", str(out)]) == 0
+    labels = ["sgd-seed0", "sam-rho0.05-seed0", "msam-rho0.7-seed0", "sgd-seed1", "sam-rho0.05-seed1",
+              "msam-rho0.7-seed1"]  # fmt: skip
+    finished = sorted(labels, key=lambda label: (out / "runs" / label / "final.json").stat().st_mtime_ns)
+    assert finished == labels
+    rows = {row["optimizer"]: row for row in json.loads((out / "summary.json").read_text())["rows"]}
+    assert (rows["sam"]["rho"], rows["msam"]["rho"]) == (0.05, 0.7)
+    assert json.loads((out / "config.json").read_text())["optimizer_settings"] == {"msam": {"rho": 0.7}}
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ("[optimizer_settings.adam]\nlr = 0.1\n", "names 'adam', which is not among the optimizers"),
+        ("[optimizer_settings.msam]\nseed = 3\n", "cannot set ['seed']"),
+        ("[optimizer_settings.msam]\nwarp = 3\n", "cannot set ['warp']"),
+        ("[optimizer_settings.msam]\nrho = -1.0\n", "rho must be a finite number >= 0"),
+        ("optimizer_settings = {msam = 3}\n", "must be a table of run settings"),
+    ],
+)
+def test_bad_optimizer_settings_are_one_line_errors(tmp_path: Path, table: str, message: str, capsys) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('optimizers = ["sgd", "msam"]\n' + table)
+    assert main(["compare", *TINY, "--config", str(config), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 def test_label_noise_is_deterministic_per_seed_in_a_run(tmp_path: Path) -> None:
     from sharpness.experiments.config import RunConfig
 

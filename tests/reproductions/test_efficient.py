@@ -71,6 +71,13 @@ def test_cost_claim_is_judged_on_cpu_time_not_wall_clock() -> None:
     assert check.status == "UNDECIDED" and "resolution 0.30x SGD" in check.detail
     table["aesam"]["cpu_vs_sgd"] = 2.4  # beyond the measured noise: a clear failure
     assert cost_check(table).status == "FAIL"
+    # MSAM: one pass per step, as cheap as SGD within the resolution (allowed); clearly cheaper than SGD is a failure
+    table["sam"]["cpu_vs_sgd_range"] = 0.0
+    table["aesam"]["cpu_vs_sgd"] = 1.4
+    table["msam"] = {**_row(0.95, 0.01, 1.0, 10.2, 10.2), "cpu_vs_sgd": 0.98}
+    assert cost_check(table).status == "PASS"
+    table["msam"]["cpu_vs_sgd"] = 0.9
+    assert cost_check(table).status == "FAIL"
 
 
 @pytest.fixture(scope="module")

@@ -38,11 +38,11 @@ def plan_runs(config: CompareConfig) -> Iterator[RunConfig]:
     holds every optimizer for its first seeds."""
     for seed in range(config.first_seed, config.first_seed + config.seeds):
         for optimizer in config.optimizers:
-            grid = config.rho_grid if config.rho_grid and optimizer in RHO_OPTIMIZERS else [config.run.rho]
-            for rho in grid:
-                yield dataclasses.replace(
-                    config.run, optimizer=optimizer, rho=rho, seed=seed, epochs=config.epochs_for(optimizer)
-                )
+            if config.rho_grid and optimizer in RHO_OPTIMIZERS:
+                for rho in config.rho_grid:
+                    yield config.run_for(optimizer, rho=rho, seed=seed)
+            else:
+                yield config.run_for(optimizer, seed=seed)
 
 
 def check_compare(config: CompareConfig, out_dir: str | Path, *, resume: bool, world_size: int = 1) -> None:

@@ -165,6 +165,9 @@ class CompareConfig:
     first_seed: int = 0  # the runs use seeds first_seed, ..., first_seed + seeds - 1
     rho_grid: list[float] | None = None  # select rho on validation for the SAM-family optimizers
     equal_compute: bool = False  # optimizers with one pass per step get twice the epochs
+    optimizer_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Run settings for one optimizer's runs only, e.g. ``{"msam": {"rho": 0.3}}`` (in a TOML config:
+    ``[optimizer_settings.msam]`` then ``rho = 0.3``)."""
 
     def validate(self) -> CompareConfig:
         self.run.validate()
@@ -185,7 +188,37 @@ class CompareConfig:
                 raise ConfigError("--rho-grid selects rho on a validation split: also pass --val-split (e.g. 0.1)")
             if not any(name in RHO_OPTIMIZERS for name in self.optimizers):
                 raise ConfigError(f"--rho-grid needs an optimizer with a rho ({', '.join(RHO_OPTIMIZERS)}) to tune")
+        self._check_optimizer_settings()
         return self
+
+    def _check_optimizer_settings(self) -> None:
+        if not isinstance(self.optimizer_settings, dict):
+            raise ConfigError("optimizer_settings must map optimizer names to settings, e.g. {'msam': {'rho': 0.3}}")
+        for name, settings in self.optimizer_settings.items():
+            if name not in self.optimizers:
+                raise ConfigError(
+                    f"optimizer_settings names {name!r}, which is not among the optimizers {self.optimizers}"
+                )
+            if not isinstance(settings, dict):
+                raise ConfigError(f"optimizer_settings[{name!r}] must be a table of run settings, got {settings!r}")
+            fixed = sorted(set(settings) & {"optimizer", "seed", "epochs"})
+            unknown = sorted(set(settings) - RUN_FIELDS)
+            if fixed or unknown:
+                raise ConfigError(
+                    f"optimizer_settings[{name!r}] cannot set {fixed + unknown}: a comparison fixes optimizer, seed "
+                    f"and epochs per run, and other keys must be run settings ({', '.join(sorted(RUN_FIELDS))})"
+                )
+            if "rho" in settings and self.rho_grid and name in RHO_OPTIMIZERS:
+                raise ConfigError(f"optimizer_settings[{name!r}] sets rho, which --rho-grid tunes; give one of them")
+            self.run_for(name).validate()
+
+    def run_for(self, optimizer: str, **fields: Any) -> RunConfig:
+        """The run settings of ``optimizer``'s runs: the common ones, its :attr:`optimizer_settings`, its epochs
+        (:meth:`epochs_for`) and ``fields``."""
+        settings = self.optimizer_settings.get(optimizer, {})
+        return dataclasses.replace(
+            self.run, **{**settings, "optimizer": optimizer, "epochs": self.epochs_for(optimizer), **fields}
+        )
 
     def epochs_for(self, optimizer: str) -> int:
         """SAM-family runs cost two passes per step: with ``equal_compute`` the others get twice the epochs."""

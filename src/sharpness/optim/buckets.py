@@ -82,9 +82,7 @@ class BucketCache:
             cacheable = all(owner is tensor for b in buckets for owner, tensor in zip(b.owners, b.params, strict=True))
             self._signature, self._layout = (signature if cacheable else None), buckets
             return buckets
-        return [
-            Bucket(b.key, b.group, b.scaled, b.owners, b.params, [p.grad for p in b.owners]) for b in self._layout
-        ]
+        return [Bucket(b.key, b.group, b.scaled, b.owners, b.params, [p.grad for p in b.owners]) for b in self._layout]
 
 
 def _layout_signature(param_groups: list[dict[str, Any]], defaults: Mapping[str, Any]) -> tuple[Any, ...]:
