@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from sharpness import AESAM, SAM, AELookSAM, LateSAM, LookSAM, PeriodicSAM, RandomSAM
+from sharpness import AESAM, MSAM, SAM, AELookSAM, LateSAM, LookSAM, PeriodicSAM, RandomSAM
 from sharpness.optim.policy import Adaptive, Policy
 
 STEPS = 6
@@ -201,6 +201,32 @@ def scenario_dcp_resume(rank: int, world_size: int) -> dict[str, Any]:
     return out
 
 
+def plain_model() -> nn.Module:
+    """Without BatchNorm, whose batch statistics would differ between a replica's shard and the whole batch."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+
+
+def msam_of(params: Any, base: str) -> MSAM:
+    options = dict(lr=0.05, momentum=0.9) if base == "sgd" else dict(lr=0.01)
+    return MSAM(params, base, rho=0.5, rho_warmup=2, **options)
+
+
+def scenario_msam(rank: int, world_size: int) -> dict[str, Any]:
+    """MSAM (SGD and AdamW bases) on a DDP model: one all-reduce per step, as for the base; the weights between steps
+    (at w̃) and inside ``unperturbed()`` (at w)."""
+    out = {}
+    for base in ("sgd", "adamw"):
+        ddp = DistributedDataParallel(plain_model())
+        opt = msam_of(ddp.parameters(), base)
+        for batch in batches(world_size):
+            opt.step(closure_of(ddp, *shard(batch, rank, world_size)))
+        with opt.unperturbed():
+            weights = flat_state(ddp.module)
+        out[base] = {"perturbed": flat_state(ddp.module), "weights": weights}
+    return out
+
+
 def scenario_construction_errors(rank: int, world_size: int) -> dict[str, str]:
     """A policy that could desynchronise the replicas is an error at construction."""
     ddp = DistributedDataParallel(model())
@@ -218,6 +244,7 @@ SCENARIOS = {
     "non_finite": scenario_non_finite,
     "allreduce_counts": scenario_allreduce_counts,
     "dcp_resume": scenario_dcp_resume,
+    "msam": scenario_msam,
 }
 
 

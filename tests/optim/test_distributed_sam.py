@@ -7,14 +7,15 @@
 - a non-finite gradient on one replica skips the step on all of them (no hang);
 - a run saved and loaded through ``torch.distributed.checkpoint`` continues bitwise, for every preset;
 - gradient all-reduces per step, counted by a DDP communication hook: a SAM step makes as many as an SGD step,
-  ``epsilon_from="global"`` twice as many, an ERM step of a switching policy as many as an SGD step.
+  ``epsilon_from="global"`` twice as many, an ERM step of a switching policy as many as an SGD step;
+- MSAM (SGD and AdamW bases) on 2 ranks equals single-process MSAM on the whole batches, at w̃ and at w.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from ddp_runs import PRESETS, batches, closure_of, flat_state, model, shard, spawn
+from ddp_runs import PRESETS, batches, closure_of, flat_state, model, msam_of, plain_model, shard, spawn
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +96,18 @@ def _same(a: object, b: object) -> bool:
     if isinstance(a, tuple | list) and isinstance(b, tuple | list):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return a == b
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_ddp_msam_equals_single_process_msam(ranks, base: str) -> None:
+    """Equal shards: DDP's averaged gradient is the whole batch's, so MSAM's momentum and perturbation are too."""
+    net = plain_model()
+    opt = msam_of(net.parameters(), base)
+    for x, y in batches(2):
+        opt.step(closure_of(net, x, y))
+    with opt.unperturbed():
+        weights = flat_state(net)
+    for rank in ranks:
+        torch.testing.assert_close(rank["msam"][base]["perturbed"], flat_state(net), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(rank["msam"][base]["weights"], weights, rtol=1e-10, atol=1e-10)
+    assert not torch.equal(weights, flat_state(net))  # the replicas hold w̃ between steps, as one process does

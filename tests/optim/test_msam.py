@@ -169,6 +169,40 @@ def test_non_finite_gradient_skips_the_step() -> None:
     assert all(torch.equal(opt.state[p]["momentum_buffer"], m) for p, m in zip(params, momentum, strict=True))
 
 
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_a_grad_scaler_steps_msam_as_without_it_and_skips_overflows(base: str) -> None:
+    """``scaler.step(opt)`` unscales the gradient (a power-of-two scale: exactly) and calls ``MSAM.step()``; a step
+    whose scaled gradient overflows is skipped by the scaler, leaving MSAM's weights and state, and the scale backs off.
+    """
+    runs = []
+    for scaled in (False, True):
+        params = [nn.Parameter(x.float()) for x in _initial()]
+        opt = MSAM(params, base, 0.5, rho_warmup=2, lr=LR, weight_decay=WD)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000) if scaled else None
+        for t in range(STEPS):
+            opt.zero_grad()
+            loss = _loss([p.double() for p in params], t).float()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+                continue
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        runs.append((params, opt, scaler))
+    (plain, _, _), (params, opt, scaler) = runs
+    assert all(torch.equal(a, b) for a, b in zip(plain, params, strict=True))
+    before = [p.detach().clone() for p in params]
+    state = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    scaler.scale(_loss([p.double() for p in params], STEPS).float() * math.inf).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**9 and opt.steps == STEPS
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    torch.testing.assert_close(opt.state_dict(), state, rtol=0, atol=0)
+
+
 def test_move_to_unperturbed_leaves_w_and_the_next_step_perturbs_again() -> None:
     params, opt = _run_msam("sgd", 0.5, 0, steps=3)
     with opt.unperturbed():

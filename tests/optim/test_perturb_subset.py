@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from sharpness import AESAM, SAM, LateSAM, LookSAM, RandomSAM, perturb_subset
 from sharpness.models import build_model
+from sharpness.optim.registry import build_optimizer
 
 RHO = 0.3
 
@@ -108,6 +109,20 @@ def test_epsilon_lives_on_the_subset_and_is_normalised_there(
     for name, eps in moved.items():
         torch.testing.assert_close(eps, expected[name], rtol=1e-10, atol=1e-12, msg=name)
         assert (name in SUBSETS[subset]) or not eps.any()
+
+
+def test_registry_asam_rescales_the_normalisation_parameters_it_perturbs() -> None:
+    """``asam --perturb norm`` is ASAM-ON: T_w = |w| + η on the 1-D affine parameters (scope "all"), against plain
+    autograd; other subsets keep ASAM's default scope (tensors with ndim >= 2)."""
+    net = _net()
+    moved = _epsilon(net, build_optimizer("asam", net, lr=0.1, rho=RHO, perturb="norm"))
+    expected = _reference_epsilon(net, SUBSETS["norm"], 2.0, adaptive=True)
+    for name, eps in moved.items():
+        torch.testing.assert_close(eps, expected[name], rtol=1e-10, atol=1e-12, msg=name)
+    plain = _reference_epsilon(net, SUBSETS["norm"], 2.0, adaptive=False)
+    assert not torch.allclose(expected["foo.weight"], plain["foo.weight"])  # the scaling is visible
+    opt = build_optimizer("asam", _net(), lr=0.1, rho=RHO, perturb="lin1,head.weight")
+    assert {group["sam_adaptive_scope"] for group in opt.param_groups} == {"weights"}
 
 
 def test_norm_is_found_by_module_type_not_by_name() -> None:

@@ -65,7 +65,8 @@ def build_optimizer(
     aelooksam, lateaesam), ``seed`` (randomsam's draws), ``sam_start`` (latesam, lateaesam: the fraction of the
     steps before SAM starts). Adaptive and late policies get their ``total_steps`` from the training loop.
     ``perturb`` (every SAM-family name): which parameters ε moves, ``"all"``, ``"norm"`` or name prefixes
-    (:func:`~sharpness.optim.subset.perturb_subset`; SAM-ON).
+    (:func:`~sharpness.optim.subset.perturb_subset`; SAM-ON). ``asam`` with ``"norm"`` rescales every perturbed
+    tensor (``adaptive_scope="all"``, the official ASAM-ON's choice); otherwise only tensors with ``ndim >= 2``.
     """
     key = name.lower()
     if key not in OPTIMIZERS:
@@ -85,8 +86,9 @@ def build_optimizer(
     adaptive = dict(delta=delta, lambda1=lambda1, lambda2=lambda2)
     if key == "sam":
         return SAM(params, sgd, rho, **common)
-    if key == "asam":
-        return SAM(params, sgd, rho, adaptive=True, **common)
+    if key == "asam":  # on normalisation layers (1-D tensors) ASAM rescales every tensor, as ASAM-ON does
+        scope = "all" if perturb == "norm" else "weights"
+        return SAM(params, sgd, rho, adaptive=True, adaptive_scope=scope, **common)
     if key == "periodicsam":
         return PeriodicSAM(params, sgd, rho, k=k or PRESET_DEFAULT_K[key], **common)
     if key == "randomsam":
