@@ -214,7 +214,7 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def main() -> None:
+def main() -> int:
     args = parse_args()
     started = time.perf_counter()
     results = {world: run_world(world, args) for world in (1, args.nprocs)}
@@ -239,7 +239,8 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path} ({payload['seconds']:.0f} s)")
+    return 0 if rows["sam"]["speedup"] >= TARGET_SPEEDUP else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -91,7 +91,7 @@ def bench(repeats: int, steps: int, warmup: int) -> dict[str, Any]:
     return result
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--steps", type=int, default=100, help="steps per timed block")
@@ -115,7 +115,8 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.json}")
+    return 1 if any(entry["verdict"] == "FAIL" for entry in result.values()) else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -184,7 +184,7 @@ def select_tolerances(model, batch, reference: float, seeds: int) -> dict[str, d
     return chosen
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch default)")
@@ -283,7 +283,8 @@ def main() -> None:
     }
     args.json.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.json}")
+    return 0 if all(res["pass"] for res in results.values()) else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

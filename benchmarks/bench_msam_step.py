@@ -145,7 +145,7 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def main() -> None:
+def main() -> int:
     args = parse_args()
     if args.quick:
         args.repeats, args.steps, args.warmup = 3, 10, 2
@@ -168,7 +168,8 @@ def main() -> None:
     }
     write_json(args.json, payload)
     print(f"wrote {args.json}")
+    return 0 if all(res["pass"] for res in results.values()) else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -441,7 +441,7 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def main() -> None:
+def main() -> int:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -489,7 +489,8 @@ def main() -> None:
         },
     )
     print(f"\nwrote {args.json}")
+    return 0 if all(res["pass"] for res in results.values()) else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

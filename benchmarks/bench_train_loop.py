@@ -77,7 +77,7 @@ def time_hand_written(config: RunConfig, data) -> tuple[float, float]:
     return train_seconds / config.epochs, total / config.epochs
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--epochs", type=int, default=3, help="epochs per timed run (default 3)")
@@ -124,7 +124,8 @@ def main() -> None:
     }
     args.json.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.json}")
+    return 0 if verdict == "PASS" else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

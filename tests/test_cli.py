@@ -76,6 +76,22 @@ def test_progress_bar_is_shown_without_quiet(tmp_path: Path) -> None:
     assert re.search(r"100%\|.*1/1", result.stderr)
 
 
+def test_an_error_before_training_starts_prints_alone_without_a_progress_bar(tmp_path: Path) -> None:
+    """The bar is drawn when training starts; a model that does not fit the data fails before that."""
+    args = [a for a in TINY if a != "--quiet"]
+    for command in ("train", "compare"):
+        result = _cli(command, *args, "--model", "cnn", "--out", str(tmp_path / command))
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == [result.stderr.strip()] and "input_shape must be" in result.stderr
+
+
+def test_version() -> None:
+    import sharpness
+
+    result = _cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"sharpness {sharpness.__version__}"
+
+
 def test_resume_through_the_cli_continues_exactly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Ctrl-C after epoch 2 of 4 exits 130 naming the resume command; ``train --resume``: the same weights as an
     unbroken run."""

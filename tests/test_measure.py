@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shlex
 import shutil
 from pathlib import Path
 
@@ -225,3 +226,20 @@ def test_unparsable_flags_are_argparse_errors(run: Path) -> None:
     with pytest.raises(SystemExit) as info:
         main(["measure", str(run), "--top-k", "many"])
     assert info.value.code == 2
+
+
+def test_the_documented_measure_example_runs_as_written(tmp_path: Path, monkeypatch, capsys) -> None:
+    """docs/cli.md's ``measure ... --params`` line, run in a folder holding the comparison it names."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    (line,) = [ln for ln in docs.splitlines() if ln.startswith("sharpness measure runs/cmp/runs/")]
+    command = shlex.split(line.split("#")[0])[1:]
+    monkeypatch.chdir(tmp_path)
+    compare = ["compare", "--epochs", "1", "--seeds", "1", "--optimizers", "sam", "--threads", "1", "--quiet"]
+    assert main([*compare, "--out", "runs/cmp"]) == 0  # MNIST-1D with its default model, as in the docs
+    assert main(command) == 0
+    result = json.loads(Path(command[command.index("--out") + 1], "measure.json").read_text())
+    assert result["settings"]["params"] == ["head"] and result["settings"]["split"] == "test"
+    # and the comparison folder itself is refused with its runs named
+    assert main(["measure", "runs/cmp"]) == 2
+    err = capsys.readouterr().err
+    assert "is a comparison folder" in err and "sam-rho0.05-seed0" in err and len(err.strip().splitlines()) == 1

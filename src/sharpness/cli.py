@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from sharpness import __version__
 from sharpness.data import DATASETS
 from sharpness.experiments.compare import RUNS_DIR, check_compare, compare, format_table, plan_runs, run_label
 from sharpness.experiments.config import DEFAULT_MODELS, ConfigError, RunConfig, build_config, read_toml
@@ -94,6 +95,7 @@ def _run_flags(parser: argparse.ArgumentParser, *, single: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sharpness", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"sharpness {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = commands.add_parser("train", help="train one model with one optimizer")
     _run_flags(train, single=True)
@@ -165,26 +167,49 @@ def _measure_flags(commands: Any) -> None:
     )
 
 
-class EpochProgress(Callback):
-    """Advances a shared ``tqdm`` bar by one per epoch and shows the run and its latest test metric."""
+class Progress:
+    """A ``tqdm`` bar of epochs on stderr, drawn from the moment training starts (:meth:`start`): bad input found
+    while the data and the model are prepared is then reported alone, without an empty bar before it."""
 
-    def __init__(self, bar: Any, label: str) -> None:
-        self.bar, self.label = bar, label
+    def __init__(self, total: int, done: int) -> None:
+        self.total, self.done = total, done
+        self._bar: Any = None
+
+    def start(self) -> Any:
+        """The bar, drawn now if it was not yet."""
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=self.total, initial=self.done, unit="epoch", file=sys.stderr, dynamic_ncols=True, mininterval=0.5
+            )
+        return self._bar
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class EpochProgress(Callback):
+    """Advances a shared :class:`Progress` bar by one per epoch and shows the run and its latest test metric."""
+
+    def __init__(self, progress: Progress, label: str) -> None:
+        self.progress, self.label = progress, label
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.progress.start()
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         metric = (
             f"test acc {record['test_acc']:.3f}" if "test_acc" in record else f"test loss {record['test_loss']:.4g}"
         )
-        self.bar.set_postfix_str(f"{self.label} epoch {record['epoch']}: {metric}", refresh=False)
-        self.bar.update(1)
+        bar = self.progress.start()
+        bar.set_postfix_str(f"{self.label} epoch {record['epoch']}: {metric}", refresh=False)
+        bar.update(1)
 
 
-def _progress_bar(total: int, done: int, quiet: bool) -> Any:
-    if quiet:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, unit="epoch", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+def _progress_bar(total: int, done: int, quiet: bool) -> Progress | None:
+    return None if quiet else Progress(total, done)
 
 
 def _epochs_done(run_dir: Path) -> int:

@@ -42,6 +42,7 @@ from sharpness.curvature import (
     spectral_density,
     top_eigenvalues,
 )
+from sharpness.experiments.compare import RUNS_DIR
 from sharpness.experiments.config import RunConfig, build_config, check_choice, check_integer, check_number
 from sharpness.experiments.figures import pyplot, save_figure
 from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, LAUNCH_RECORD, load_data
@@ -99,12 +100,28 @@ def _locate(path: str | Path) -> tuple[Path, Path]:
     config_path = run_dir / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a sharpness run folder: {config_path} is missing")
+    _refuse_comparison(run_dir)
     if not checkpoint.is_file():
         raise FileNotFoundError(
             f"no checkpoint at {checkpoint}: the run has not completed an epoch; "
             f"train it with: sharpness train --resume {run_dir}"
         )
     return run_dir, checkpoint
+
+
+def _refuse_comparison(folder: Path) -> None:
+    """A ``sharpness compare`` folder holds runs, not a model: name them (ValueError)."""
+    saved = read_json(folder / CONFIG_NAME)
+    if not (isinstance(saved, dict) and saved.get("kind") == "compare"):
+        return
+    runs = sorted(d.name for d in (folder / RUNS_DIR).iterdir() if d.is_dir()) if (folder / RUNS_DIR).is_dir() else []
+    if not runs:
+        raise ValueError(f"{folder} is a comparison folder without runs yet; measure one of its runs once trained")
+    shown = ", ".join(runs[:8]) + (f", ... ({len(runs)} runs)" if len(runs) > 8 else "")
+    example = folder / RUNS_DIR / runs[0]
+    raise ValueError(
+        f"{folder} is a comparison folder: measure one of its runs, e.g. sharpness measure {example} (runs: {shown})"
+    )
 
 
 def _load_config(run_dir: Path, device: str | None) -> RunConfig:
