@@ -243,3 +243,9 @@ def test_the_documented_measure_example_runs_as_written(tmp_path: Path, monkeypa
     assert main(["measure", "runs/cmp"]) == 2
     err = capsys.readouterr().err
     assert "is a comparison folder" in err and "sam-rho0.05-seed0" in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_measurement_name_has_an_estimator() -> None:
+    from sharpness.experiments.measure import DEFAULT_WHAT, ESTIMATORS
+
+    assert tuple(ESTIMATORS) == WHAT and set(DEFAULT_WHAT) <= set(WHAT)

@@ -281,26 +281,11 @@ def measure(
             ``measure.json`` without ``force``.
     """
     names = parse_what(what)
-    check_integer("measure_size", measure_size, minimum=1)
-    check_choice("split", split, SPLITS)
-    check_choice("mode", mode, ("eval", "train"))
-    check_choice("backend", backend, ("double_backward", "forward_over_reverse"))
-    check_integer("seed", seed, minimum=0)
-    check_integer("top_k", top_k, minimum=1)
-    check_integer("samples", samples, minimum=3)
-    check_integer("m", m, minimum=1)
-    check_integer("max_iter", max_iter, minimum=1)
-    if max_iter < top_k:
-        raise ValueError(f"max_iter must be >= top_k = {top_k}, got {max_iter}")
-    check_number("tol", tol, low=0.0)
-    check_integer("density_vectors", density_vectors, minimum=1)
-    check_integer("density_steps", density_steps, minimum=1)
-    check_integer("sharpness_steps", sharpness_steps, minimum=1)
-    check_integer("sharpness_samples", sharpness_samples, minimum=2)
-    if rho is not None:
-        check_number("rho", rho, low=0.0, low_open=True)
-    params = [params] if isinstance(params, str) else (list(params) if params else None)
-
+    options = _checked_options(
+        measure_size=measure_size, split=split, mode=mode, backend=backend, seed=seed, top_k=top_k, samples=samples,
+        rho=rho, m=m, adaptive=adaptive, params=params, max_iter=max_iter, tol=tol, density_vectors=density_vectors,
+        density_steps=density_steps, sharpness_steps=sharpness_steps, sharpness_samples=sharpness_samples,
+    )  # fmt: skip
     rank, world_size = world()
     processes = world_size if processes is None else processes
     if processes > 1 and "sharpness" in names:
@@ -310,24 +295,15 @@ def measure(
         )
     run_dir, checkpoint = _locate(run_dir)
     config = _load_config(run_dir, device)
-    device = config.device
     if split == "val" and not config.val_split:
         raise ValueError("split 'val' is empty: the run has no validation split (val_split = 0)")
     out_dir = Path(out) if out is not None else run_dir / MEASURE_DIR
     if check_only:
         _check_out(out_dir, force)
         return {}
-    rho = float(rho) if rho is not None else (config.rho if config.rho > 0 else 0.05)
-    adaptive = config.optimizer == "asam" if adaptive is None else bool(adaptive)
-    data = load_data(config)
-    model, loss_fn, state = _load_model(config, data, checkpoint)
-    x, y = _measurement_set(data, split, measure_size, replica_device(device))
-    num_examples = len(y)
-    x, y = shard(x, y, rank, world_size)
-    group = "default" if world_size > 1 else None
-    op = HessianOperator(model, loss_fn, (x, y), params=params, backend=backend, mode=mode, process_group=group)
-    if top_k > op.dim:
-        raise ValueError(f"top_k = {top_k} exceeds the number of measured parameters ({op.dim})")
+    options["rho"] = float(rho) if rho is not None else (config.rho if config.rho > 0 else 0.05)
+    options["adaptive"] = config.optimizer == "asam" if adaptive is None else bool(adaptive)
+    job, state = _prepare(config, checkpoint, options, world_size > 1)
     _check_out(out_dir, force)  # before anything is measured
 
     result: dict[str, Any] = {
@@ -335,114 +311,101 @@ def measure(
         "checkpoint": str(checkpoint),
         "epoch": state.get("train_state", {}).get("epoch"),
         "finished": (run_dir / FINAL_NAME).is_file(),
-        "settings": {
-            "what": names,
-            "split": split,
-            "measure_size": measure_size,
-            "num_examples": num_examples,
-            "processes": world_size,
-            "mode": mode,
-            "backend": backend,
-            "seed": seed,
-            "top_k": top_k,
-            "samples": samples,
-            "rho": rho,
-            "adaptive": adaptive,
-            "m": min(m, len(y)),
-            "params": params,
-            "num_parameters": op.dim,
-            "max_iter": max_iter,
-            "tol": tol,
-            "density_vectors": density_vectors,
-            "density_steps": density_steps,
-            "sharpness_steps": sharpness_steps,
-            "sharpness_samples": sharpness_samples,
-            "device": device,
-            "dataset": config.dataset,
-            "model": config.model_name,
-            "optimizer": config.optimizer,
-        },
+        "settings": _settings_record(names, options, job, world_size, config),
     }
-    loss, gradient = op.loss_and_gradient()
+    loss, gradient = job.op.loss_and_gradient()
     result["loss"], result["grad_norm"] = loss, float(torch.linalg.vector_norm(gradient))
-
-    if "eig" in names:
-        eig, seconds = _timed(
-            lambda: top_eigenvalues(op, k=top_k, max_iter=max_iter, tol=tol, generator=_generator(seed, "eig"))
-        )
-        result["eig"] = {
-            "eigenvalues": _floats(eig.eigenvalues),
-            "residuals": _floats(eig.residuals),
-            "converged": [bool(c) for c in eig.converged.cpu()],
-            "bulk_ratio": bulk_ratio(eig.eigenvalues) if top_k >= 5 else None,
-            "iterations": eig.iterations,
-            "hvps": eig.num_matvecs,
-            "seconds": seconds,
-        }
-    if "trace" in names:
-        traces = {}
-        for key, estimate in (("hutchpp", hutchpp_trace), ("hutchinson", hutchinson_trace)):
-            est, seconds = _timed(
-                lambda estimate=estimate, key=key: estimate(op, samples, generator=_generator(seed, key))
-            )
-            traces[key] = {
-                "value": est.value,
-                "stderr": est.stderr,
-                "num_samples": est.num_samples,
-                "hvps": est.num_matvecs,
-                "seconds": seconds,
-            }
-        result["trace"] = traces
-    if "frobenius" in names:
-        est, seconds = _timed(lambda: frobenius_norm(op, samples, generator=_generator(seed, "frobenius")))
-        result["frobenius"] = {
-            "value": est.value,
-            "stderr": est.stderr,
-            "squared": est.squared,
-            "squared_stderr": est.squared_stderr,
-            "num_samples": est.num_samples,
-            "hvps": est.num_matvecs,
-            "seconds": seconds,
-        }
-    if "density" in names:
-        dens, seconds = _timed(
-            lambda: spectral_density(
-                op,
-                num_vectors=density_vectors,
-                lanczos_steps=density_steps,
-                generator=_generator(seed, "density"),
-            )
-        )
-        result["density"] = {
-            "grid": _floats(dens.grid),
-            "density": _floats(dens.density),
-            "nodes": [_floats(row) for row in dens.nodes],
-            "weights": [_floats(row) for row in dens.weights],
-            "sigma": dens.sigma,
-            "num_vectors": density_vectors,
-            "lanczos_steps": int(dens.nodes.shape[1]),
-            "hvps": dens.num_matvecs,
-            "seconds": seconds,
-        }
-    if "sharpness" in names:
-        result["sharpness"] = _measure_sharpness(
-            model,
-            loss_fn,
-            x,
-            y,
-            rho=rho,
-            m=min(m, len(y)),
-            adaptive=adaptive,
-            params=params,
-            mode=mode,
-            seed=seed,
-            steps=sharpness_steps,
-            num_samples=sharpness_samples,
-        )
-
+    for name in names:
+        result[name] = ESTIMATORS[name](job)
     result = json_safe(result, non_finite=lambda _: None)
     if rank != 0:  # rank 0 writes the files
         return {**result, "files": []}
+    return _write_outputs(result, out_dir)
+
+
+def _checked_options(**options: Any) -> dict[str, Any]:
+    """The measurement options, each checked (ValueError naming it); ``params`` as a list or ``None``."""
+    check_integer("measure_size", options["measure_size"], minimum=1)
+    check_choice("split", options["split"], SPLITS)
+    check_choice("mode", options["mode"], ("eval", "train"))
+    check_choice("backend", options["backend"], ("double_backward", "forward_over_reverse"))
+    for name, minimum in _INTEGER_MINIMA.items():
+        check_integer(name, options[name], minimum=minimum)
+    if options["max_iter"] < options["top_k"]:
+        raise ValueError(f"max_iter must be >= top_k = {options['top_k']}, got {options['max_iter']}")
+    check_number("tol", options["tol"], low=0.0)
+    if options["rho"] is not None:
+        check_number("rho", options["rho"], low=0.0, low_open=True)
+    params = options["params"]
+    options["params"] = [params] if isinstance(params, str) else (list(params) if params else None)
+    return options
+
+
+_INTEGER_MINIMA = {"seed": 0, "top_k": 1, "samples": 3, "m": 1, "max_iter": 1, "density_vectors": 1,
+                   "density_steps": 1, "sharpness_steps": 1, "sharpness_samples": 2}  # fmt: skip
+
+
+@dataclasses.dataclass
+class _Job:
+    """What the estimators work on: the operator, the model and loss it is built from, this process's part of the
+    measurement set and the checked options."""
+
+    op: HessianOperator
+    model: torch.nn.Module
+    loss_fn: Callable
+    x: torch.Tensor
+    y: torch.Tensor
+    options: dict[str, Any]
+    num_examples: int
+
+
+def _prepare(config: RunConfig, checkpoint: Path, options: dict[str, Any], parallel: bool) -> tuple[_Job, dict]:
+    """The run's model with the checkpoint's weights, this process's shard of the measurement set and the Hessian
+    operator on it (all-reduced over the process group when ``parallel``); also the checkpoint's state."""
+    data = load_data(config)
+    model, loss_fn, state = _load_model(config, data, checkpoint)
+    x, y = _measurement_set(data, options["split"], options["measure_size"], replica_device(config.device))
+    num_examples = len(y)
+    rank, world_size = world()
+    x, y = shard(x, y, rank, world_size)
+    op = HessianOperator(
+        model,
+        loss_fn,
+        (x, y),
+        params=options["params"],
+        backend=options["backend"],
+        mode=options["mode"],
+        process_group="default" if parallel else None,
+    )
+    if options["top_k"] > op.dim:
+        raise ValueError(f"top_k = {options['top_k']} exceeds the number of measured parameters ({op.dim})")
+    return _Job(op, model, loss_fn, x, y, options, num_examples), state
+
+
+def _settings_record(
+    names: list[str], options: dict[str, Any], job: _Job, processes: int, config: RunConfig
+) -> dict[str, Any]:
+    """The ``settings`` entry of ``measure.json``: every option as used, and what was measured."""
+    return {
+        "what": names,
+        **{key: options[key] for key in ("split", "measure_size")},
+        "num_examples": job.num_examples,
+        "processes": processes,
+        **{key: options[key] for key in ("mode", "backend", "seed", "top_k", "samples", "rho", "adaptive")},
+        "m": min(options["m"], len(job.y)),
+        "params": options["params"],
+        "num_parameters": job.op.dim,
+        **{key: options[key] for key in ("max_iter", "tol", "density_vectors", "density_steps")},
+        **{key: options[key] for key in ("sharpness_steps", "sharpness_samples")},
+        "device": config.device,
+        "dataset": config.dataset,
+        "model": config.model_name,
+        "optimizer": config.optimizer,
+    }
+
+
+def _write_outputs(result: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Write ``measure.json`` (and the density figure when measured) into ``out_dir``; the result with ``files``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / MEASURE_NAME]
     if "density" in result:
@@ -454,31 +417,96 @@ def measure(
     return result
 
 
-def _measure_sharpness(
-    model: torch.nn.Module,
-    loss_fn: Callable,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    rho: float,
-    m: int,
-    adaptive: bool,
-    params: Sequence[str] | None,
-    mode: str,
-    seed: int,
-    steps: int,
-    num_samples: int,
-) -> dict[str, Any]:
+# ----------------------------------------------------------------------------- the estimators
+
+
+def _eig(job: _Job) -> dict[str, Any]:
+    """Top eigenvalues by Lanczos, their residuals, the bulk ratio λ_1/λ_5."""
+    o = job.options
+    generator = _generator(o["seed"], "eig")
+    eig, seconds = _timed(
+        lambda: top_eigenvalues(job.op, k=o["top_k"], max_iter=o["max_iter"], tol=o["tol"], generator=generator)
+    )
+    return {
+        "eigenvalues": _floats(eig.eigenvalues),
+        "residuals": _floats(eig.residuals),
+        "converged": [bool(c) for c in eig.converged.cpu()],
+        "bulk_ratio": bulk_ratio(eig.eigenvalues) if o["top_k"] >= 5 else None,
+        "iterations": eig.iterations,
+        "hvps": eig.num_matvecs,
+        "seconds": seconds,
+    }
+
+
+def _trace(job: _Job) -> dict[str, Any]:
+    """The trace by Hutch++ and by Hutchinson, each with ``samples`` products."""
+    traces = {}
+    for key, estimate in (("hutchpp", hutchpp_trace), ("hutchinson", hutchinson_trace)):
+        generator = _generator(job.options["seed"], key)
+        est, seconds = _timed(
+            lambda estimate=estimate, g=generator: estimate(job.op, job.options["samples"], generator=g)
+        )
+        traces[key] = {
+            "value": est.value,
+            "stderr": est.stderr,
+            "num_samples": est.num_samples,
+            "hvps": est.num_matvecs,
+            "seconds": seconds,
+        }
+    return traces
+
+
+def _frobenius(job: _Job) -> dict[str, Any]:
+    """``||H||_F`` (and its square) from ``samples`` products."""
+    generator = _generator(job.options["seed"], "frobenius")
+    est, seconds = _timed(lambda: frobenius_norm(job.op, job.options["samples"], generator=generator))
+    return {
+        "value": est.value,
+        "stderr": est.stderr,
+        "squared": est.squared,
+        "squared_stderr": est.squared_stderr,
+        "num_samples": est.num_samples,
+        "hvps": est.num_matvecs,
+        "seconds": seconds,
+    }
+
+
+def _density(job: _Job) -> dict[str, Any]:
+    """The spectral density by stochastic Lanczos quadrature."""
+    o = job.options
+    generator = _generator(o["seed"], "density")
+    dens, seconds = _timed(
+        lambda: spectral_density(
+            job.op, num_vectors=o["density_vectors"], lanczos_steps=o["density_steps"], generator=generator
+        )
+    )
+    return {
+        "grid": _floats(dens.grid),
+        "density": _floats(dens.density),
+        "nodes": [_floats(row) for row in dens.nodes],
+        "weights": [_floats(row) for row in dens.weights],
+        "sigma": dens.sigma,
+        "num_vectors": o["density_vectors"],
+        "lanczos_steps": int(dens.nodes.shape[1]),
+        "hvps": dens.num_matvecs,
+        "seconds": seconds,
+    }
+
+
+def _sharpness(job: _Job) -> dict[str, Any]:
+    """ρ-sharpness, worst and average case, over the whole set and per batch of ``m`` (m-sharpness)."""
     # Imported here: the module is optional for the Hessian measurements.
     from sharpness.curvature.rho_sharpness import average_case_sharpness, m_sharpness, worst_case_sharpness
 
-    common = {"adaptive": adaptive, "params": params, "mode": mode}
+    o, model, loss_fn, x, y = job.options, job.model, job.loss_fn, job.x, job.y
+    rho, m, seed, steps, draws = o["rho"], min(o["m"], len(y)), o["seed"], o["sharpness_steps"], o["sharpness_samples"]
+    common = {"adaptive": o["adaptive"], "params": o["params"], "mode": o["mode"]}
     runs = {
         "worst": lambda: worst_case_sharpness(
             model, loss_fn, (x, y), rho, steps=steps, generator=_generator(seed, "worst"), **common
         ),
         "average": lambda: average_case_sharpness(
-            model, loss_fn, (x, y), rho, num_samples=num_samples, generator=_generator(seed, "average"), **common
+            model, loss_fn, (x, y), rho, num_samples=draws, generator=_generator(seed, "average"), **common
         ),
         "m_worst": lambda: m_sharpness(
             model, loss_fn, x, y, m, rho, kind="worst", steps=steps, generator=_generator(seed, "m_worst"), **common
@@ -491,16 +519,26 @@ def _measure_sharpness(
             m,
             rho,
             kind="average",
-            num_samples=num_samples,
+            num_samples=draws,
             generator=_generator(seed, "m_average"),
             **common,
-        ),
+        ),  # fmt: skip
     }
-    figures: dict[str, Any] = {"rho": rho, "m": m, "adaptive": adaptive, "steps": steps, "num_samples": num_samples}
+    figures: dict[str, Any] = {"rho": rho, "m": m, "adaptive": o["adaptive"], "steps": steps, "num_samples": draws}
     for key, run in runs.items():
         value, seconds = _timed(run)
         figures[key] = _sharpness_figures(value, seconds)
     return figures
+
+
+ESTIMATORS: dict[str, Callable[[_Job], dict[str, Any]]] = {
+    "eig": _eig,
+    "trace": _trace,
+    "frobenius": _frobenius,
+    "density": _density,
+    "sharpness": _sharpness,
+}
+"""The measurements :func:`measure` can make (the keys of :data:`WHAT`), each a function of the prepared job."""
 
 
 # ----------------------------------------------------------------------------- output
