@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from sharpness import AESAM, SAM, Adaptive, AELookSAM, Bernoulli, EveryK, LookSAM, LookSAMReuse, PeriodicSAM, RandomSAM
+from sharpness import AESAM, SAM, AELookSAM, LookSAM, PeriodicSAM, RandomSAM
+from sharpness.optim import Adaptive, Bernoulli, EveryK, LookSAMReuse
 
 
 def _mlp(seed: int = 0) -> nn.Module:

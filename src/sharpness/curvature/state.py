@@ -31,7 +31,16 @@ _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropou
 
 @contextmanager
 def measurement_mode(model: nn.Module, mode: Mode = "eval") -> Iterator[None]:
-    """Put ``model`` in the measurement ``mode`` for the body; restore every module's mode and every buffer after."""
+    """Put ``model`` in the measurement ``mode`` for the body; restore every module's mode and every buffer after.
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train()
+    >>> with measurement_mode(model, "eval"):
+    ...     model.training
+    False
+    >>> model.training
+    True
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     flags = [(module, module.training) for module in model.modules()]

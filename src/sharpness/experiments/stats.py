@@ -27,7 +27,12 @@ def t_quantile_975(df: int) -> float:
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
-    """(mean, half-width of the 95% t-interval); the half-width is NaN for a single value."""
+    """(mean, half-width of the 95% t-interval); the half-width is NaN for a single value.
+
+    >>> mean, half_width = mean_ci95([1.0, 2.0, 3.0])
+    >>> mean, round(half_width, 4)  # t_{0.975,2} = 4.303 times the standard error 1/√3
+    (2.0, 2.4843)
+    """
     if not values:
         raise ValueError("mean_ci95 needs at least one value")
     n = len(values)
@@ -69,14 +74,22 @@ def _paired(a: Sequence[float], b: Sequence[float]) -> tuple[list[float], list[f
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman's rank correlation: Pearson's correlation of the (tie-averaged) ranks; NaN if either is constant or
-    there are fewer than 2 pairs."""
+    there are fewer than 2 pairs.
+
+    >>> spearman([1, 2, 3], [3, 1, 2])
+    -0.5
+    """
     a, b = _paired(a, b)
     return _pearson(_ranks(a), _ranks(b)) if len(a) >= 2 else math.nan
 
 
 def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
     """Kendall's τ_b: ``(C − D) / sqrt((P − T_a)(P − T_b))`` over the ``P = n(n−1)/2`` pairs, ``C``/``D`` the
-    concordant/discordant pairs and ``T_a``/``T_b`` the pairs tied in ``a``/``b``; NaN if either is constant."""
+    concordant/discordant pairs and ``T_a``/``T_b`` the pairs tied in ``a``/``b``; NaN if either is constant.
+
+    >>> kendall_tau([1, 2, 3, 4], [10, 20, 40, 30])  # 5 concordant pairs, 1 discordant, of 6
+    0.6666666666666666
+    """
     a, b = _paired(a, b)
     concordant = discordant = tied_a = tied_b = pairs = 0
     for i in range(len(a)):

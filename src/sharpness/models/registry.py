@@ -121,6 +121,10 @@ def build_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, **
         ValueError: for an unknown name, an invalid option value, an invalid ``input_shape`` for the model, or a
             ``wrn-D-K`` name together with a different ``depth`` / ``widen_factor`` option.
         TypeError: for an option the model does not accept.
+
+    >>> model = build_model("cnn1d", input_shape=(40,), num_classes=10)
+    >>> [name for name, _ in model.named_parameters()][-2:]
+    ['head.weight', 'head.bias']
     """
     key, implied = parse_model_name(name)
     builder, accepted = _BUILDERS[key]
@@ -144,5 +148,9 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
     """Number of parameter elements of ``model`` (shared parameters counted once).
 
     With ``trainable_only=True``, only parameters with ``requires_grad`` are counted.
+
+    >>> import torch
+    >>> count_parameters(torch.nn.Linear(3, 2))
+    8
     """
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

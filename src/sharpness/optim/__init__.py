@@ -1,7 +1,7 @@
 """The SAM optimizer family as ``torch.optim.Optimizer`` wrappers: one :class:`SAM`, a policy, a reuse rule."""
 
 from sharpness.optim.batchnorm import BatchNormStatsGuard, frozen_bn
-from sharpness.optim.msam import MSAM
+from sharpness.optim.msam import MSAM, unperturbed_weights
 from sharpness.optim.policy import Adaptive, Always, Bernoulli, EveryK, Late, Policy
 from sharpness.optim.presets import AESAM, AELookSAM, LateSAM, LookSAM, PeriodicSAM, RandomSAM
 from sharpness.optim.reuse import LookSAMReuse
@@ -27,4 +27,5 @@ __all__ = [
     "SAM",
     "frozen_bn",
     "perturb_subset",
+    "unperturbed_weights",
 ]

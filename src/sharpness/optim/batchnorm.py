@@ -66,6 +66,13 @@ def frozen_bn(model: nn.Module) -> Iterator[None]:
             loss_fn(model(x), y).backward()
 
     The statistics are restored even if the body raises.
+
+    >>> import torch
+    >>> bn = torch.nn.BatchNorm1d(2)
+    >>> with frozen_bn(bn):
+    ...     _ = bn(torch.randn(8, 2) + 5.0)
+    >>> bn.running_mean.tolist()
+    [0.0, 0.0]
     """
     guard = BatchNormStatsGuard(model)
     guard.save()

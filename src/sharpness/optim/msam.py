@@ -95,6 +95,23 @@ class MSAM(Optimizer):
 
     Usage: ``opt.step(closure)`` calls the closure once (zero the gradients, forward, backward, return the
     loss: the loss at ``w̃``), or ``loss.backward(); opt.step()``.
+
+    Example (between steps the weights sit at ``w̃``; :meth:`unperturbed` shows ``w``):
+
+    >>> import torch
+    >>> from sharpness import MSAM
+    >>> model = torch.nn.Linear(3, 1)
+    >>> opt = MSAM(model.parameters(), "sgd", rho=0.3, lr=0.1, momentum=0.9)
+    >>> for _ in range(2):
+    ...     opt.zero_grad()
+    ...     model(torch.ones(4, 3)).pow(2).mean().backward()
+    ...     opt.step()
+    >>> opt.is_perturbed
+    True
+    >>> with opt.unperturbed():
+    ...     w = model.weight.detach().clone()
+    >>> bool((w != model.weight).any())
+    True
     """
 
     def __init__(

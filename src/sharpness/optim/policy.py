@@ -146,7 +146,16 @@ class Always(Policy):
 
 
 class EveryK(Policy):
-    """SAM on steps ``t ≡ offset (mod k)`` (``offset`` 0: the first step is a SAM step); ERM otherwise."""
+    """SAM on steps ``t ≡ offset (mod k)`` (``offset`` 0: the first step is a SAM step); ERM otherwise.
+
+    >>> policy = EveryK(3)
+    >>> decisions = []
+    >>> for _ in range(6):
+    ...     decisions.append(policy.decide(float("nan")))
+    ...     policy.commit()
+    >>> decisions
+    [True, False, False, True, False, False]
+    """
 
     replica_consistent = True
 
@@ -170,6 +179,14 @@ class Bernoulli(Policy):
 
     Draws come from the policy's own ``torch.Generator`` (seeded by ``seed``, saved in ``state_dict``), never from
     the global random state, so the training run's other randomness is unaffected.
+
+    >>> policy = Bernoulli(0.5, seed=1)
+    >>> taken = 0
+    >>> for _ in range(1000):
+    ...     taken += policy.decide(float("nan"))
+    ...     policy.commit()
+    >>> 430 < taken < 570
+    True
     """
 
     replica_consistent = True
@@ -319,6 +336,14 @@ class Late(Policy):
     0 at ``t₀`` and its ``total_steps`` (unless given) is the length of the late phase ``T - t₀``, so
     ``Late(start, Adaptive())`` runs AE-SAM's whole threshold schedule ``c_t: λ₂ → λ₁`` inside the late phase and
     seeds its moving averages with the first late ``s_t``. Its state is part of this policy's state (``"then"``).
+
+    >>> policy = Late(0.5, total_steps=4)
+    >>> decisions = []
+    >>> for _ in range(4):
+    ...     decisions.append(policy.decide(float("nan")))
+    ...     policy.commit()
+    >>> decisions
+    [False, False, True, True]
     """
 
     def __init__(self, start: float, then: Policy | None = None, total_steps: int | None = None) -> None:

@@ -11,8 +11,9 @@ preset             policy                          reuse                  refere
 ``LateSAM``        ``Late(start, then, T)``        none                   Zhou et al., ICLR 2025
 =================  ==============================  =====================  ==========================================
 
-Each takes the arguments of :class:`SAM` (``params, base_optimizer, rho, ...``, base optimizer keywords) plus its
-own, and returns a :class:`SAM`. ``total_steps`` may be left ``None`` when training with
+Each is a subclass of :class:`SAM` (so ``isinstance(opt, SAM)`` holds, and ``isinstance(opt, AESAM)`` says which
+member it is) taking the arguments of :class:`SAM` (``params, base_optimizer, rho, ...``, base optimizer keywords)
+plus its own. ``total_steps`` may be left ``None`` when training with
 :class:`sharpness.train.Trainer`, which sets it. Every preset perturbs a subset of the parameters when given the
 parameter groups of :func:`sharpness.optim.perturb_subset` (SAM-ON: ``perturb_subset(model, "norm")``).
 """
@@ -27,87 +28,107 @@ from sharpness.optim.reuse import LookSAMReuse
 from sharpness.optim.sam import SAM
 
 
-def PeriodicSAM(params: Any, base_optimizer: Any, rho: float = 0.05, *, k: int = 2, **kwargs: Any) -> SAM:  # noqa: N802
+class PeriodicSAM(SAM):
     """SAM on every ``k``-th step (the first step included), plain ERM steps in between."""
-    return SAM(params, base_optimizer, rho, policy=EveryK(k), **kwargs)
+
+    def __init__(self, params: Any, base_optimizer: Any, rho: float = 0.05, *, k: int = 2, **kwargs: Any) -> None:
+        super().__init__(params, base_optimizer, rho, policy=EveryK(k), **kwargs)
 
 
-def RandomSAM(  # noqa: N802
-    params: Any,
-    base_optimizer: Any,
-    rho: float = 0.05,
-    *,
-    prob: float | Callable[[float], float] = 0.5,
-    seed: int = 0,
-    **kwargs: Any,
-) -> SAM:
+class RandomSAM(SAM):
     """SAM with probability ``prob`` per step (or ``prob(t/T)``, a schedule of training progress).
 
     ``p`` is SAM's norm, as for every preset (version 0.1 used ``p`` for the probability).
     """
-    return SAM(params, base_optimizer, rho, policy=Bernoulli(prob, seed=seed), **kwargs)
+
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: Any,
+        rho: float = 0.05,
+        *,
+        prob: float | Callable[[float], float] = 0.5,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(params, base_optimizer, rho, policy=Bernoulli(prob, seed=seed), **kwargs)
 
 
-def LookSAM(  # noqa: N802
-    params: Any,
-    base_optimizer: Any,
-    rho: float = 0.05,
-    *,
-    k: int = 5,
-    alpha: float = 0.7,
-    per_tensor: bool = False,
-    **kwargs: Any,
-) -> SAM:
+class LookSAM(SAM):
     """SAM every ``k`` steps; the steps between add ``α ||g|| g_v/||g_v||`` (LookSAM's reuse)."""
-    return SAM(params, base_optimizer, rho, policy=EveryK(k), reuse=LookSAMReuse(alpha, per_tensor), **kwargs)
+
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: Any,
+        rho: float = 0.05,
+        *,
+        k: int = 5,
+        alpha: float = 0.7,
+        per_tensor: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        reuse = LookSAMReuse(alpha, per_tensor)
+        super().__init__(params, base_optimizer, rho, policy=EveryK(k), reuse=reuse, **kwargs)
 
 
-def AESAM(  # noqa: N802
-    params: Any,
-    base_optimizer: Any,
-    rho: float = 0.05,
-    *,
-    delta: float = 0.9,
-    lambda1: float = -1.0,
-    lambda2: float = 1.0,
-    total_steps: int | None = None,
-    **kwargs: Any,
-) -> SAM:
+class AESAM(SAM):
     """SAM where ``||g_t||²`` is high relative to its moving mean and deviation (AE-SAM's adaptive rule)."""
-    return SAM(params, base_optimizer, rho, policy=Adaptive(delta, lambda1, lambda2, total_steps), **kwargs)
+
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: Any,
+        rho: float = 0.05,
+        *,
+        delta: float = 0.9,
+        lambda1: float = -1.0,
+        lambda2: float = 1.0,
+        total_steps: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        policy = Adaptive(delta, lambda1, lambda2, total_steps)
+        super().__init__(params, base_optimizer, rho, policy=policy, **kwargs)
 
 
-def AELookSAM(  # noqa: N802
-    params: Any,
-    base_optimizer: Any,
-    rho: float = 0.05,
-    *,
-    delta: float = 0.9,
-    lambda1: float = -1.0,
-    lambda2: float = 1.0,
-    total_steps: int | None = None,
-    alpha: float = 0.7,
-    per_tensor: bool = False,
-    **kwargs: Any,
-) -> SAM:
+class AELookSAM(SAM):
     """AE-SAM's adaptive policy with LookSAM's reuse on the ERM steps (``g_v`` refreshed on every SAM step)."""
-    policy = Adaptive(delta, lambda1, lambda2, total_steps)
-    return SAM(params, base_optimizer, rho, policy=policy, reuse=LookSAMReuse(alpha, per_tensor), **kwargs)
+
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: Any,
+        rho: float = 0.05,
+        *,
+        delta: float = 0.9,
+        lambda1: float = -1.0,
+        lambda2: float = 1.0,
+        total_steps: int | None = None,
+        alpha: float = 0.7,
+        per_tensor: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        policy = Adaptive(delta, lambda1, lambda2, total_steps)
+        reuse = LookSAMReuse(alpha, per_tensor)
+        super().__init__(params, base_optimizer, rho, policy=policy, reuse=reuse, **kwargs)
 
 
-def LateSAM(  # noqa: N802
-    params: Any,
-    base_optimizer: Any,
-    rho: float = 0.05,
-    *,
-    start: float = 0.8,
-    then: Policy | None = None,
-    total_steps: int | None = None,
-    **kwargs: Any,
-) -> SAM:
+class LateSAM(SAM):
     """The base optimizer alone for the first ``start · T`` steps, then SAM (Zhou et al., ICLR 2025).
 
     ``then`` is the late phase's policy (default: every step SAM); ``then=Adaptive()`` is AE-SAM in the late
     phase, ``then=EveryK(5)`` with ``reuse=LookSAMReuse(0.7)`` LookSAM. See :class:`~sharpness.optim.policy.Late`.
     """
-    return SAM(params, base_optimizer, rho, policy=Late(start, then, total_steps), **kwargs)
+
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: Any,
+        rho: float = 0.05,
+        *,
+        start: float = 0.8,
+        then: Policy | None = None,
+        total_steps: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(params, base_optimizer, rho, policy=Late(start, then, total_steps), **kwargs)

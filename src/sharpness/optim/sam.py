@@ -134,6 +134,23 @@ class SAM(Optimizer):
     hooks) run as for a torch optimizer, in every API: the step hooks run around the base optimizer's step.
     ``state_dict`` has torch's layout (``state``, ``param_groups``) plus SAM's own state under ``"sam"``, and a
     resumed run continues bit-identically. See ``docs/sam.md``.
+
+    Example (a closure step: two forward/backward passes, the weights restored bitwise between them):
+
+    >>> import torch
+    >>> from sharpness import SAM
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Linear(3, 1)
+    >>> opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+    >>> def closure():
+    ...     loss = torch.nn.functional.mse_loss(model(x), y)
+    ...     loss.backward()
+    ...     return loss
+    >>> loss = opt.step(closure)
+    >>> opt.steps, opt.sam_steps, opt.is_perturbed
+    (1, 1, False)
     """
 
     def __init__(
@@ -804,7 +821,7 @@ class SAM(Optimizer):
         return self.__dict__.copy()
 
     def __repr__(self) -> str:
-        return f"SAM(base_optimizer={type(self.base_optimizer).__name__}) " + super().__repr__()
+        return f"{type(self).__name__}(base_optimizer={type(self.base_optimizer).__name__}) " + super().__repr__()
 
 
 _INTERNAL_CODE = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))

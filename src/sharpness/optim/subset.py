@@ -57,6 +57,12 @@ def perturb_subset(
     Returns a list for ``SAM(groups, base, ...)`` or any preset. Raises a one-line ``ValueError`` for a prefix that
     matches no parameter (naming the model's top-level modules) or ``"norm"`` on a model without normalisation
     layers (naming the built-in models that have them).
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    >>> groups = perturb_subset(model, "norm")
+    >>> [(len(group["params"]), group.get("sam_perturb", True)) for group in groups]
+    [(2, True), (4, False)]
     """
     model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
     groups = [{"params": list(model.parameters())}] if groups is None else [dict(group) for group in groups]

@@ -61,7 +61,12 @@ __all__ = [
 
 
 def spectral_filter(lam: np.ndarray, k: int | np.ndarray, eta: float, rho: float = 0.0) -> np.ndarray:
-    """``phi_k(lam) = 1 - (1 - eta lam (1 + rho lam))^k``; ``rho = 0`` is GD. Broadcasts over ``lam`` and ``k``."""
+    """``phi_k(lam) = 1 - (1 - eta lam (1 + rho lam))^k``; ``rho = 0`` is GD. Broadcasts over ``lam`` and ``k``.
+
+    >>> import numpy as np
+    >>> spectral_filter(np.array([1.0]), 2, eta=0.5)  # GD: 1 − (1 − ηλ)^k = 1 − 0.25
+    array([0.75])
+    """
     lam = np.asarray(lam, dtype=np.float64)
     k = np.asarray(k)
     return 1.0 - (1.0 - eta * lam * (1.0 + rho * lam)) ** k
@@ -223,7 +228,13 @@ def sam_diverges(lam_max: float, eta: float, rho: float) -> bool:
 
 
 def critical_eta(lam_max: float, rho: float) -> float:
-    """The step size at the threshold: ``eta_c = 2 / (lam_max (1 + rho lam_max))`` (``rho = 0``: GD's ``2/lam``)."""
+    """The step size at the threshold: ``eta_c = 2 / (lam_max (1 + rho lam_max))`` (``rho = 0``: GD's ``2/lam``).
+
+    >>> critical_eta(2.0, 0.5)  # 2 / (λ (1 + ρλ)) = 2 / (2 · 2)
+    0.5
+    >>> sam_diverges(2.0, 0.51, 0.5), sam_diverges(2.0, 0.49, 0.5)
+    (True, False)
+    """
     return 2.0 / (lam_max * (1.0 + rho * lam_max))
 
 
