@@ -39,7 +39,6 @@ from sharpness.data.source import SourceData
 __all__ = ["Mnist1D", "load_mnist1d", "load_source"]
 
 NUM_CLASSES = 10
-SIGNAL_LENGTH = 40
 
 
 @dataclass(frozen=True)
