@@ -1,4 +1,9 @@
-"""What a reproduction returns: the paper's claims as checks with PASS/FAIL/UNDECIDED, its figures and its numbers."""
+"""What a reproduction returns: the paper's claims as checks with PASS/FAIL/UNDECIDED, its figures and its numbers.
+
+A reproduction's ``run`` is a sequence of experiment steps, each returning the :class:`Findings` it produced (the checks
+of the claims it tests, its figures, its numbers); :meth:`Paper.reproduction` gathers them into the
+:class:`Reproduction`.
+"""
 
 from __future__ import annotations
 
@@ -75,3 +80,57 @@ class Reproduction:
         """``"FAIL"`` if a check failed, else ``"UNDECIDED"`` if one was not decidable, else ``"PASS"``."""
         statuses = {check.status for check in self.checks}
         return next((s for s in ("FAIL", "UNDECIDED") if s in statuses), "PASS")
+
+
+@dataclass
+class Findings:
+    """What one step of a reproduction's experiment produced: the checks of the claims it tests (in the order they are
+    reported), the figures it wrote and its numbers (top-level entries of :attr:`Reproduction.numbers`)."""
+
+    checks: list[Check] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+    numbers: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, *steps: Findings) -> Findings:
+        """Append the checks and figures of ``steps`` in order and merge their numbers; returns ``self``.
+
+        Raises ``ValueError`` if two steps report the same number (one would silently replace the other).
+        """
+        for step in steps:
+            shared = self.numbers.keys() & step.numbers.keys()
+            if shared:
+                raise ValueError(f"numbers reported twice: {', '.join(sorted(shared))}")
+            self.checks.extend(step.checks)
+            self.figures.extend(step.figures)
+            self.numbers.update(step.numbers)
+        return self
+
+
+@dataclass(frozen=True)
+class Paper:
+    """The paper a reproduction tests: its command-line name, a title stating its claims, and the reference."""
+
+    name: str  # as in ``sharpness reproduce NAME``
+    title: str
+    reference: str  # e.g. "Behdin & Mazumder, arXiv 2302.11836v2"
+
+    def reproduction(self, findings: Findings, settings: dict[str, Any], assumptions: list[str]) -> Reproduction:
+        """The outcome of a run: ``findings`` gathered from its steps, with every setting used and the settings the
+        paper leaves open (``assumptions``)."""
+        return Reproduction(
+            name=self.name,
+            title=self.title,
+            reference=self.reference,
+            checks=list(findings.checks),
+            figures=list(findings.figures),
+            numbers=dict(findings.numbers),
+            settings=settings,
+            assumptions=assumptions,
+        )
+
+
+def output_folder(out_dir: str | Path) -> Path:
+    """``out_dir`` as a ``Path``, created if missing: where a reproduction writes its figures."""
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

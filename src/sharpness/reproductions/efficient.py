@@ -38,13 +38,14 @@ from sharpness.experiments.compare import RUNS_DIR, compare, load_runs, summariz
 from sharpness.experiments.config import CompareConfig, RunConfig
 from sharpness.experiments.figures import pyplot, save_figure
 from sharpness.experiments.report import read_metrics
-from sharpness.reproductions.base import Check, Reproduction, ci_decidable
+from sharpness.reproductions.base import Check, Findings, Paper, Reproduction, ci_decidable, output_folder
 
 plt = pyplot()
 
 NAME = "efficient"
 TITLE = "AE-SAM: SAM steps where ||g||² is high, at SAM's accuracy for fewer passes"
 REFERENCE = "Jiang, Yang, Zhang & Kwok, ICLR 2023, arXiv 2304.14647"
+PAPER = Paper(NAME, TITLE, REFERENCE)
 COMPARE_DIR = "compare"  # the comparison's folder under out_dir (a `sharpness compare` folder)
 TOLERANCE = 0.1  # check (1a): |measured − predicted| overall SAM fraction
 LABELS = {
@@ -157,6 +158,52 @@ def optimizer_table(out_dir: Path, optimizers: list[str]) -> dict[str, dict[str,
             "cpu_vs_sgd_range": float(np.ptp(ratios("train_cpu_seconds"))),
         }
     return table
+
+
+# ---------------------------------------------------------------------------------------------- the claims
+def sam_fraction_follows_schedule(config: CompareConfig, schedule: dict[str, Any]) -> Findings:
+    """Claims (1a), (1b): AE-SAM takes SAM steps at the rate the normal model predicts, ``mean_t Φ(-c_t)`` overall
+    (within :data:`TOLERANCE`), and more often in the second half of training than in the first (``c_t`` falls from
+    λ₂ to λ₁). ``schedule``: AE-SAM's :func:`schedule_summary`."""
+    overall, halves, quarters = schedule["overall"], schedule["halves"], schedule["quarters"]
+
+    def listed(values: list[float]) -> str:
+        return "/".join(f"{v:.3f}" for v in values)
+
+    quarter_detail = (
+        f"by quarter (epochs {', '.join(f'{a}-{b}' for a, b in quarters['epochs'])}): measured "
+        f"{listed(quarters['measured'])}, normal model {listed(quarters['normal'])}"
+    )
+    difference = abs(overall["measured"] - overall["normal"])
+    run = config.run
+    return Findings(
+        [
+            Check(
+                f"(1a) AE-SAM (δ={run.delta:g}, λ1={run.lambda1:g}, λ2={run.lambda2:g}) takes SAM steps at the rate "
+                "its schedule predicts under the paper's normal model s_t ~ N(μ_t, σ_t²), P(SAM at t) = Φ(−c_t): the "
+                f"overall fraction (mean over seeds) is within {TOLERANCE:g} of mean_t Φ(−c_t)",
+                difference <= TOLERANCE,
+                f"overall measured {overall['measured']:.3f} vs predicted {overall['normal']:.3f}, |diff| = "
+                f"{difference:.3f}; {quarter_detail}",
+            ),
+            Check(
+                "(1b) AE-SAM's SAM fraction rises over training as the schedule predicts (c_t falls from λ2 to λ1): "
+                "the measured fraction in the second half of training exceeds the first half's (mean over seeds)",
+                halves["measured"][1] > halves["measured"][0],
+                f"halves: measured {listed(halves['measured'])}, normal model {listed(halves['normal'])}; "
+                f"{quarter_detail} (T = {schedule['total_steps']} steps)",
+            ),
+        ]
+    )
+
+
+def accuracy_with_fewer_passes_and_cost(table: dict[str, dict[str, Any]]) -> Findings:
+    """Claims (2), (3): AE-SAM and AE-LookSAM reach SAM's accuracy with fewer passes (:func:`accuracy_check`); (4):
+    the passes saved show in the training cost (:func:`cost_check`); (5), (6) in the full run: MSAM and LateSAM
+    (:data:`LATER_VARIANTS`) reach SAM's accuracy with fewer passes too."""
+    checks = [accuracy_check("(2)", "aesam", table), accuracy_check("(3)", "aelooksam", table), cost_check(table)]
+    checks += [accuracy_check(f"({5 + i})", name, table) for i, name in enumerate(LATER_VARIANTS) if name in table]
+    return Findings(checks)
 
 
 def accuracy_check(label: str, name: str, table: dict[str, dict[str, Any]]) -> Check:
@@ -273,101 +320,76 @@ def _fraction_figure(path: Path, schedules: dict[str, dict[str, Any]], title: st
 
 
 # ---------------------------------------------------------------------------------------------- run
-def run(out_dir: Path, quick: bool, seed: int) -> Reproduction:
-    """Run the AE-SAM reproduction; the comparison's run folders go to ``out_dir/compare`` (replaced if present)
-    and the figures to ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    # ---------------------------------------------------------------- settings
+def comparison_config(quick: bool, seed: int) -> CompareConfig:
+    """The comparison trained: the quick run's four optimizers over 2 seeds for 12 epochs, or every optimizer of
+    :data:`LABELS` over 5 seeds for 60 epochs; seeds ``seed, seed + 1, ...``; single-threaded runs."""
     optimizers = ["sgd", "sam", "aesam", "aelooksam"] if quick else list(LABELS)
-    seeds = 2 if quick else 5
-    epochs = 12 if quick else 60
-    config = CompareConfig(
-        run=RunConfig(epochs=epochs, threads=1),
+    return CompareConfig(
+        run=RunConfig(epochs=12 if quick else 60, threads=1),
         optimizers=optimizers,
-        seeds=seeds,
+        seeds=2 if quick else 5,
         first_seed=seed,
         optimizer_settings={name: value for name, value in LATER_VARIANTS.items() if name in optimizers},
     )
-    lambda1, lambda2 = config.run.lambda1, config.run.lambda2
 
-    folder = out_dir / COMPARE_DIR
+
+def _train_comparison(config: CompareConfig, folder: Path) -> None:
+    """Train ``config`` into ``folder`` (replaced if present), leaving the process's thread count as it was."""
     shutil.rmtree(folder, ignore_errors=True)
     threads = torch.get_num_threads()
     try:
         compare(config, folder)
     finally:
         torch.set_num_threads(threads)  # run_training sets the process-wide count
-    table = optimizer_table(folder, optimizers)
+
+
+def _adaptive_schedules(config: CompareConfig, folder: Path) -> dict[str, dict[str, Any]]:
+    """:func:`schedule_summary` of AE-SAM's and AE-LookSAM's runs in the comparison ``folder``."""
     runs = load_runs(folder)
-    schedules = {
+    return {
         name: schedule_summary(
-            [folder / RUNS_DIR / r["label"] for r in runs if r["config"]["optimizer"] == name], lambda1, lambda2
+            [folder / RUNS_DIR / r["label"] for r in runs if r["config"]["optimizer"] == name],
+            config.run.lambda1,
+            config.run.lambda2,
         )
         for name in ("aesam", "aelooksam")
     }
-    checks: list[Check] = []
 
-    # ---------------------------------------------------------------- 1: AE-SAM's SAM fraction follows Phi(-c_t)
-    ae = schedules["aesam"]
-    overall, halves, quarters = ae["overall"], ae["halves"], ae["quarters"]
 
-    def listed(values: list[float]) -> str:
-        return "/".join(f"{v:.3f}" for v in values)
-
-    quarter_detail = (
-        f"by quarter (epochs {', '.join(f'{a}-{b}' for a, b in quarters['epochs'])}): measured "
-        f"{listed(quarters['measured'])}, normal model {listed(quarters['normal'])}"
-    )
-    difference = abs(overall["measured"] - overall["normal"])
-    checks.append(
-        Check(
-            f"(1a) AE-SAM (δ={config.run.delta:g}, λ1={lambda1:g}, λ2={lambda2:g}) takes SAM steps at the rate its "
-            "schedule predicts under the paper's normal model s_t ~ N(μ_t, σ_t²), P(SAM at t) = Φ(−c_t): the overall "
-            f"fraction (mean over seeds) is within {TOLERANCE:g} of mean_t Φ(−c_t)",
-            difference <= TOLERANCE,
-            f"overall measured {overall['measured']:.3f} vs predicted {overall['normal']:.3f}, |diff| = "
-            f"{difference:.3f}; {quarter_detail}",
-        )
-    )
-    checks.append(
-        Check(
-            "(1b) AE-SAM's SAM fraction rises over training as the schedule predicts (c_t falls from λ2 to λ1): the "
-            "measured fraction in the second half of training exceeds the first half's (mean over seeds)",
-            halves["measured"][1] > halves["measured"][0],
-            f"halves: measured {listed(halves['measured'])}, normal model {listed(halves['normal'])}; "
-            f"{quarter_detail} (T = {ae['total_steps']} steps)",
-        )
+def _figures(out_dir: Path, config: CompareConfig, table: dict, schedules: dict) -> Findings:
+    title = f"cnn1d on MNIST-1D, {config.run.epochs} epochs, {config.seeds} seeds"
+    return Findings(
+        figures=[
+            _accuracy_figure(out_dir / "efficient_accuracy.png", table, f"{title}: accuracy against cost"),
+            _fraction_figure(
+                out_dir / "efficient_sam_fraction.png", schedules, f"{title}: SAM steps against the schedule"
+            ),
+        ]
     )
 
-    # ---------------------------------------------------------------- 2, 3: SAM's accuracy at fewer passes; 4: cost
-    checks += [accuracy_check("(2)", "aesam", table), accuracy_check("(3)", "aelooksam", table), cost_check(table)]
-    # ---------------------------------------------------------------- 5, 6 (full run): the later variants
-    checks += [accuracy_check(f"({5 + i})", name, table) for i, name in enumerate(LATER_VARIANTS) if name in table]
 
-    title = f"cnn1d on MNIST-1D, {epochs} epochs, {seeds} seeds"
-    figures = [
-        _accuracy_figure(out_dir / "efficient_accuracy.png", table, f"{title}: accuracy against cost"),
-        _fraction_figure(out_dir / "efficient_sam_fraction.png", schedules, f"{title}: SAM steps against the schedule"),
-    ]
-    settings = {
+def _settings_record(config: CompareConfig, seed: int, quick: bool) -> dict[str, Any]:
+    return {
         "seed": seed,
         "quick": quick,
         "dataset": "mnist1d (4000 train / 1000 test, data_seed 42, no label noise)",
         "model": "cnn1d",
-        "optimizers": optimizers,
-        "seeds": list(range(seed, seed + seeds)),
-        "epochs": epochs,
+        "optimizers": config.optimizers,
+        "seeds": list(range(seed, seed + config.seeds)),
+        "epochs": config.run.epochs,
         "run": {k: v for k, v in dataclasses.asdict(config.run).items() if k not in ("optimizer", "seed", "device")},
         "looksam_k": 5,
         "optimizer_settings": config.optimizer_settings,
         "compare_folder": COMPARE_DIR,
         "tolerance": TOLERANCE,
     }
-    assumptions = [
+
+
+def _assumptions(config: CompareConfig, seed: int) -> list[str]:
+    """The settings the paper does not pin down."""
+    return [
         f"the runs are those of `sharpness compare` with its defaults (SGD with momentum 0.9, lr 0.05 cosine, batch "
-        f"64, weight decay 5e-4, ρ = 0.05), trained on seeds {seed}..{seed + seeds - 1} (a seed fixes the "
+        f"64, weight decay 5e-4, ρ = 0.05), trained on seeds {seed}..{seed + config.seeds - 1} (a seed fixes the "
         "initialisation, the batch order and RandomSAM's draws; MNIST-1D's examples are the standard fixed set)",
         "MNIST-1D with cnn1d stands in for the paper's CIFAR-10/100 and ImageNet networks; clean labels (the paper's "
         "label-noise experiments are not reproduced: run takes no noise option)",
@@ -392,13 +414,20 @@ def run(out_dir: Path, quick: bool, seed: int) -> Reproduction:
         "of the same seed (trained just before: the runs go seed by seed), median over seeds; differences below "
         "the spread of SAM's ratio over seeds (at least 5%) are not told apart; wall-clock is reported beside it",
     ]
-    return Reproduction(
-        name=NAME,
-        title=TITLE,
-        reference=REFERENCE,
-        checks=checks,
-        figures=figures,
-        numbers={"optimizers": table, "schedules": schedules},
-        settings=settings,
-        assumptions=assumptions,
+
+
+def run(out_dir: Path, quick: bool, seed: int) -> Reproduction:
+    """Run the AE-SAM reproduction; the comparison's run folders go to ``out_dir/compare`` (replaced if present)
+    and the figures to ``out_dir``."""
+    out_dir = output_folder(out_dir)
+    config = comparison_config(quick, seed)
+    folder = out_dir / COMPARE_DIR
+    _train_comparison(config, folder)
+    table = optimizer_table(folder, config.optimizers)
+    schedules = _adaptive_schedules(config, folder)
+    findings = Findings(numbers={"optimizers": table, "schedules": schedules}).add(
+        sam_fraction_follows_schedule(config, schedules["aesam"]),
+        accuracy_with_fewer_passes_and_cost(table),
+        _figures(out_dir, config, table, schedules),
     )
+    return PAPER.reproduction(findings, _settings_record(config, seed, quick), _assumptions(config, seed))

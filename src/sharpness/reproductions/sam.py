@@ -37,13 +37,14 @@ from sharpness.experiments.config import RunConfig
 from sharpness.experiments.figures import pyplot, save_figure
 from sharpness.experiments.runner import build_trainer
 from sharpness.experiments.stats import kendall_tau, mean_ci95
-from sharpness.reproductions.base import Check, Reproduction
+from sharpness.reproductions.base import Check, Findings, Paper, Reproduction, output_folder
 
 plt = pyplot()
 
 NAME = "sam"
 TITLE = "SAM: better generalisation, robustness to label noise, flatter minima, m-sharpness"
 REFERENCE = "Foret, Kleiner, Mobahi & Neyshabur, ICLR 2021, arXiv 2010.01412"
+PAPER = Paper(NAME, TITLE, REFERENCE)
 
 
 BASE = RunConfig(dataset="mnist1d", model="cnn1d", lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=64)
@@ -164,9 +165,13 @@ def _train_all(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
         return list(pool.map(_run_job, jobs))
 
 
-def _plan_jobs(plan: Plan, seed: int) -> dict[tuple[str, float, int | None], list[Job]]:
+Group = tuple[str, float, int | None]
+"""A group of runs over seeds: (optimizer, label noise, m of m-SAM or ``None``)."""
+
+
+def _plan_jobs(plan: Plan, seed: int) -> dict[Group, list[Job]]:
     """Runs by (optimizer, label noise, m); seeds ``seed, seed + 1, ...`` (the init, data order and label noise)."""
-    groups: dict[tuple[str, float, int | None], list[Job]] = {}
+    groups: dict[Group, list[Job]] = {}
     for noise in plan.noise_levels:
         for optimizer in ("sgd", "sam"):
             groups[(optimizer, noise, None)] = []
@@ -195,29 +200,26 @@ def _pm(stat: dict[str, float], scale: float = 100.0, digits: int = 2) -> str:
     return f"{scale * stat['mean']:.{digits}f} ± {half}"
 
 
-def run(out_dir: Path, quick: bool, seed: int, *, workers: int | None = None, plan: Plan | None = None) -> Reproduction:
-    """Run the SAM reproduction; figures go to ``out_dir``.
-
-    ``workers``: parallel training processes (default: the CPU count, at most 2 per the project's 2-core target;
-    1 trains in this process). ``plan``: the settings (default :data:`QUICK` or :data:`FULL` as ``quick`` says);
-    e.g. ``dataclasses.replace(FULL, rho_noise=0.05, seeds=5)``.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plan = plan if plan is not None else (QUICK if quick else FULL)
-    workers = workers if workers is not None else min(2, os.cpu_count() or 1)
-    groups = _plan_jobs(plan, seed)
+def _train_groups(groups: dict[Group, list[Job]], workers: int) -> dict[Group, list[dict[str, Any]]]:
+    """Train every job of ``groups`` (in ``workers`` processes); their results, grouped as the jobs are."""
     flat = [job for jobs in groups.values() for job in jobs]
     results = iter(_train_all(flat, workers))
-    runs = {key: [next(results) for _ in jobs] for key, jobs in groups.items()}
-    batch = BASE.batch_size
+    return {key: [next(results) for _ in jobs] for key, jobs in groups.items()}
 
-    # ---------------------------------------------------------------- (1) accuracy, clean and noisy
-    accuracy = {
+
+def _test_accuracies(runs: dict[Group, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Test accuracy over seeds (mean, 95% CI, values) of SGD and SAM at every noise level, e.g. ``"SAM noise=0.4"``."""
+    return {
         f"{_label(opt, m)} noise={noise:g}": _stat([r["final"]["test_acc"] for r in group])
         for (opt, noise, m), group in runs.items()
         if m is None
     }
+
+
+# ---------------------------------------------------------------------------------------------- the claims
+def sam_beats_sgd(plan: Plan, accuracy: dict[str, dict[str, Any]], out_dir: Path) -> Findings:
+    """Claims (1a), (1b): SAM's test accuracy is above SGD's, on clean labels and at every level of label noise (the
+    paper's Table 1 and its label-noise table), by the paired gain over seeds."""
     # Seed s gives SGD and SAM the same initial weights, batch order and noisy labels: compare them in pairs.
     gain = {
         noise: _stat([b - a for a, b in zip(accuracy[f"SGD noise={noise:g}"]["values"],
@@ -239,22 +241,27 @@ def run(out_dir: Path, quick: bool, seed: int, *, workers: int | None = None, pl
         if plan.seeds >= 3
         else f"the mean paired gain SAM − SGD (same seed) is > 0 ({plan.seeds} seeds: too few for a CI test)"
     )
-    checks: list[Check] = [
-        Check(f"(1a) clean MNIST-1D: SAM (ρ={plan.rho_clean:g}) is more accurate than SGD: {paired}",
-              gain_above_zero(0.0), f"test accuracy % (mean ± 95% CI): {detail(0.0)}")
-    ]  # fmt: skip
     noisy = [n for n in plan.noise_levels if n > 0]
-    checks.append(
+    checks = [
+        Check(f"(1a) clean MNIST-1D: SAM (ρ={plan.rho_clean:g}) is more accurate than SGD: {paired}",
+              gain_above_zero(0.0), f"test accuracy % (mean ± 95% CI): {detail(0.0)}"),
         Check(
             f"(1b) under symmetric label noise ({', '.join(f'{n:.0%}' for n in noisy)}) SAM (ρ={plan.rho_noise:g}) is "
             f"more accurate than SGD at every level: {paired}",
             all(gain_above_zero(n) for n in noisy),
             "; ".join(f"{n:.0%}: {detail(n)}" for n in noisy),
-        )
-    )
+        ),
+    ]  # fmt: skip
+    numbers = {
+        "test_accuracy": accuracy,
+        "paired_gain_sam_minus_sgd": {f"noise={noise:g}": stat for noise, stat in gain.items()},
+    }
+    return Findings(checks, [_noise_figure(out_dir / "label_noise.png", plan, accuracy)], numbers)
 
-    # ---------------------------------------------------------------- (2) Hessian spectrum at the end
-    clean = {_label(opt, m): group for (opt, noise, m), group in runs.items() if noise == 0}
+
+def sam_flattens_hessian(plan: Plan, clean: dict[str, list[dict[str, Any]]], out_dir: Path) -> Findings:
+    """Claim (2): at the end of training on clean labels SAM's Hessian is flatter than SGD's, lower mean λ_max and
+    lower mean λ_max/λ_5 (the paper's Figure 3, left)."""
     spectrum = {
         label: {
             "lambda_max": _stat([r["lambda_max"] for r in group]),
@@ -265,75 +272,82 @@ def run(out_dir: Path, quick: bool, seed: int, *, workers: int | None = None, pl
         for label, group in clean.items()
     }
     sgd_s, sam_s = spectrum["SGD"], spectrum["SAM"]
-    checks.append(
-        Check(
-            f"(2) at the end of training the Hessian (training loss, {plan.measure_size} training examples) is "
-            "flatter with SAM: lower mean λ_max and lower mean λ_max/λ_5 than SGD",
-            sam_s["lambda_max"]["mean"] < sgd_s["lambda_max"]["mean"]
-            and sam_s["bulk_ratio"]["mean"] < sgd_s["bulk_ratio"]["mean"],
-            f"λ_max: SGD {_pm(sgd_s['lambda_max'], 1, 3)}, SAM {_pm(sam_s['lambda_max'], 1, 3)}; λ_max/λ_5: "
-            f"SGD {_pm(sgd_s['bulk_ratio'], 1, 3)}, SAM {_pm(sam_s['bulk_ratio'], 1, 3)}",
-        )
+    check = Check(
+        f"(2) at the end of training the Hessian (training loss, {plan.measure_size} training examples) is "
+        "flatter with SAM: lower mean λ_max and lower mean λ_max/λ_5 than SGD",
+        sam_s["lambda_max"]["mean"] < sgd_s["lambda_max"]["mean"]
+        and sam_s["bulk_ratio"]["mean"] < sgd_s["bulk_ratio"]["mean"],
+        f"λ_max: SGD {_pm(sgd_s['lambda_max'], 1, 3)}, SAM {_pm(sam_s['lambda_max'], 1, 3)}; λ_max/λ_5: "
+        f"SGD {_pm(sgd_s['bulk_ratio'], 1, 3)}, SAM {_pm(sam_s['bulk_ratio'], 1, 3)}",
     )
+    figure = _spectrum_figure(out_dir / "hessian_spectrum.png", spectrum)
+    return Findings([check], [figure], {"spectrum": spectrum})
 
-    # ---------------------------------------------------------------- (3) m-sharpness
+
+def m_sharpness_claims(
+    plan: Plan, accuracy: dict[str, dict[str, Any]], clean: dict[str, list[dict[str, Any]]], out_dir: Path
+) -> Findings:
+    """Claims (3a), (3b) (§4.1, the paper's Figure 3, right): m-SAM with a small ``m`` generalises better than plain
+    SAM, and the measured m-sharpness ``S_m`` at a small ``m`` ranks the clean models by their generalisation gap
+    (Kendall τ_b) better than at the size of the whole measurement set."""
+    batch = BASE.batch_size
     m_values = [*plan.micro_batches, batch]
     m_accuracy = {m: accuracy["SAM noise=0"] if m == batch else _stat(
         [r["final"]["test_acc"] for r in clean[_label("sam", m)]]) for m in m_values}  # fmt: skip
     smallest = min(plan.micro_batches)
-    checks.append(
+    models = [r for group in clean.values() for r in group]
+    gaps = [r["final"]["gap"] for r in models]
+    tau = {m: kendall_tau([r["m_sharpness"][str(m)] for r in models], gaps) for m in plan.measure_m}
+    small_m, full_m = plan.measure_m[0], plan.measure_m[-1]
+    checks = [
         Check(
             f"(3a) m-SAM: perturbing per micro-batch of m={smallest} examples generalises better than plain SAM "
             f"(m = the batch size {batch}): higher mean test accuracy",
             m_accuracy[smallest]["mean"] > m_accuracy[batch]["mean"],
             "test accuracy %: " + ", ".join(f"m={m}: {_pm(m_accuracy[m])}" for m in m_values),
-        )
-    )
-    models = [r for group in clean.values() for r in group]
-    gaps = [r["final"]["gap"] for r in models]
-    tau = {m: kendall_tau([r["m_sharpness"][str(m)] for r in models], gaps) for m in plan.measure_m}
-    small_m, full_m = plan.measure_m[0], plan.measure_m[-1]
-    checks.append(
+        ),
         Check(
             f"(3b) m-sharpness with small m predicts the generalisation gap (train − test accuracy) better than "
             f"sharpness of the whole measurement set: Kendall τ(m={small_m}) > 0 and > τ(m={full_m}), over the "
             f"{len(models)} clean models (SGD, SAM, m-SAM)",
             tau[small_m] > 0 and tau[small_m] > tau[full_m],
             "Kendall τ(m-sharpness, gap): " + ", ".join(f"m={m}: {t:+.3f}" for m, t in tau.items()),
-        )
-    )
-
-    figures = [
-        _noise_figure(out_dir / "label_noise.png", plan, accuracy),
-        _spectrum_figure(out_dir / "hessian_spectrum.png", spectrum),
-        _m_figure(out_dir / "m_sharpness.png", m_accuracy, tau, models, small_m, accuracy["SGD noise=0"]),
+        ),
     ]
+    figure = _m_figure(out_dir / "m_sharpness.png", m_accuracy, tau, models, small_m, accuracy["SGD noise=0"])
     numbers = {
-        "test_accuracy": accuracy,
-        "paired_gain_sam_minus_sgd": {f"noise={noise:g}": stat for noise, stat in gain.items()},
         "m_sam_test_accuracy": {str(m): stat for m, stat in m_accuracy.items()},
-        "spectrum": spectrum,
         "kendall_tau_m_sharpness_gap": {str(m): t for m, t in tau.items()},
-        "clean_models": [
-            {
-                "label": _label(opt, m),
-                "seed": job.config.seed,
-                **{key: r["final"][key] for key in ("gap", "test_acc", "train_acc")},
-                **{key: r[key] for key in ("lambda_max", "bulk_ratio", "m_sharpness")},
-            }
-            for (opt, noise, m), jobs in groups.items()
-            if noise == 0
-            for job, r in zip(jobs, runs[(opt, noise, m)], strict=True)
-        ],
-        "noisy_runs": {
-            f"{_label(opt, m)} noise={noise:g}": [
-                {key: r["final"][key] for key in ("test_acc", "train_acc", "train_clean_acc")} for r in group
-            ]
-            for (opt, noise, m), group in runs.items()
-            if noise > 0
-        },
     }
-    settings = {
+    return Findings(checks, [figure], numbers)
+
+
+def _models_record(groups: dict[Group, list[Job]], runs: dict[Group, list[dict[str, Any]]]) -> Findings:
+    """Every clean model's seed, accuracies, gap and measurements; every noisy run's accuracies."""
+    clean_models = [
+        {
+            "label": _label(opt, m),
+            "seed": job.config.seed,
+            **{key: r["final"][key] for key in ("gap", "test_acc", "train_acc")},
+            **{key: r[key] for key in ("lambda_max", "bulk_ratio", "m_sharpness")},
+        }
+        for (opt, noise, m), jobs in groups.items()
+        if noise == 0
+        for job, r in zip(jobs, runs[(opt, noise, m)], strict=True)
+    ]
+    noisy_runs = {
+        f"{_label(opt, m)} noise={noise:g}": [
+            {key: r["final"][key] for key in ("test_acc", "train_acc", "train_clean_acc")} for r in group
+        ]
+        for (opt, noise, m), group in runs.items()
+        if noise > 0
+    }
+    return Findings(numbers={"clean_models": clean_models, "noisy_runs": noisy_runs})
+
+
+# ---------------------------------------------------------------------------------------------- run
+def _settings_record(plan: Plan, seed: int, quick: bool, workers: int) -> dict[str, Any]:
+    return {
         "seed": seed,
         "quick": quick,
         "seeds": [seed + s for s in range(plan.seeds)],
@@ -341,12 +355,16 @@ def run(out_dir: Path, quick: bool, seed: int, *, workers: int | None = None, pl
         "training": (
             f"mnist1d ({plan.num_samples} examples, the standard 80/20 train/test split), cnn1d, SGD momentum "
             f"{BASE.momentum}, lr {BASE.lr} cosine, "
-            f"weight decay {BASE.weight_decay}, batch {batch}, {plan.epochs} epochs"
+            f"weight decay {BASE.weight_decay}, batch {BASE.batch_size}, {plan.epochs} epochs"
         ),
         "lanczos": LANCZOS,
         "workers": workers,
     }
-    assumptions = [
+
+
+def _assumptions(plan: Plan) -> list[str]:
+    """The settings the paper does not pin down."""
+    return [
         "MNIST-1D with the cnn1d network stands in for the paper's CIFAR / ImageNet models (WRN, PyramidNet, "
         "ResNet), with `sharpness compare`'s default hyper-parameters (not tuned); the quick version generates "
         f"{QUICK.num_samples} MNIST-1D examples instead of 5000 (lower accuracies, same schedule)",
@@ -363,18 +381,32 @@ def run(out_dir: Path, quick: bool, seed: int, *, workers: int | None = None, pl
         "the generalisation gap is train accuracy − test accuracy at the end of training; the rank agreement is "
         "Kendall's τ_b (the paper plots a correlation; its exact statistic is not pinned down here)",
     ]
-    return Reproduction(
-        name=NAME,
-        title=TITLE,
-        reference=REFERENCE,
-        checks=checks,
-        figures=figures,
-        numbers=numbers,
-        settings=settings,
-        assumptions=assumptions,
+
+
+def run(out_dir: Path, quick: bool, seed: int, *, workers: int | None = None, plan: Plan | None = None) -> Reproduction:
+    """Run the SAM reproduction; figures go to ``out_dir``.
+
+    ``workers``: parallel training processes (default: the CPU count, at most 2 per the project's 2-core target;
+    1 trains in this process). ``plan``: the settings (default :data:`QUICK` or :data:`FULL` as ``quick`` says);
+    e.g. ``dataclasses.replace(FULL, rho_noise=0.05, seeds=5)``.
+    """
+    out_dir = output_folder(out_dir)
+    plan = plan if plan is not None else (QUICK if quick else FULL)
+    workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+    groups = _plan_jobs(plan, seed)
+    runs = _train_groups(groups, workers)
+    accuracy = _test_accuracies(runs)
+    clean = {_label(opt, m): group for (opt, noise, m), group in runs.items() if noise == 0}
+    findings = Findings().add(
+        sam_beats_sgd(plan, accuracy, out_dir),
+        sam_flattens_hessian(plan, clean, out_dir),
+        m_sharpness_claims(plan, accuracy, clean, out_dir),
+        _models_record(groups, runs),
     )
+    return PAPER.reproduction(findings, _settings_record(plan, seed, quick, workers), _assumptions(plan))
 
 
+# ---------------------------------------------------------------------------------------------- figures
 def _half(stat: dict[str, float]) -> float:
     """The CI half-width, 0 for a single seed (then a comparison falls back to the mean)."""
     return 0.0 if math.isnan(stat["ci95"]) else stat["ci95"]
