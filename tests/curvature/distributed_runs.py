@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from spawned import run_spawned
 from torch import nn
 
-from sharpness.curvature import HessianOperator, hutchinson_trace, spectral_density, top_eigenvalues
+from sharpness.curvature import (
+    EmpiricalFisherOperator,
+    GGNOperator,
+    HessianOperator,
+    hutchinson_trace,
+    spectral_density,
+    top_eigenvalues,
+)
 
 SIZES = (10, 6)  # unequal parts: the products must weight the ranks by their example counts
 
@@ -50,5 +57,20 @@ def scenario_measure(rank: int, world_size: int) -> dict[str, Any]:
     return measure(HessianOperator(model(), F.cross_entropy, part(rank), process_group="default"))
 
 
+def gauss_newton_products(data: Any, process_group: Any = None) -> dict[str, torch.Tensor]:
+    """The GGN and the empirical Fisher on a fixed block of 3 vectors (matmat) and on its first column (matvec)."""
+    products = {}
+    for name, operator in (("ggn", GGNOperator), ("fisher", EmpiricalFisherOperator)):
+        op = operator(model(), F.cross_entropy, data, process_group=process_group)
+        block = torch.randn(op.dim, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        products[f"{name}_matmat"] = op.matmat(block)
+        products[f"{name}_matvec"] = op.matvec(block[:, 0])
+    return products
+
+
+def scenario_gauss_newton(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    return gauss_newton_products(part(rank), process_group="default")
+
+
 def spawn(world_size: int = 2) -> list[dict[str, Any]]:
-    return run_spawned({"measure": scenario_measure}, world_size)
+    return run_spawned({"measure": scenario_measure, "gauss_newton": scenario_gauss_newton}, world_size)

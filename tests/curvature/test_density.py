@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sharpness.curvature.density import SpectralDensity, spectral_density
-from sharpness.curvature.linop import DenseOperator
+from sharpness.curvature.density import SpectralDensity, _lockstep_lanczos, spectral_density
+from sharpness.curvature.linop import CallableOperator, DenseOperator
 from sharpness.curvature.trace import frobenius_norm, hutchinson_trace
 
 F64 = torch.float64
@@ -115,6 +115,47 @@ def test_invariant_subspace_gives_exact_nodes_and_padding():
     assert float(torch.trapezoid(d.density, d.grid)) == pytest.approx(1.0, abs=1e-3)
 
 
+@pytest.mark.parametrize("probes_per_block", [1, 3, 10])
+def test_lockstep_recurrences_equal_one_probe_at_a_time(clusters, slq, probes_per_block):
+    """The default runs all 10 recurrences in lockstep; 1 per block is the unbatched computation."""
+    _, a = clusters
+    d, _ = slq
+    blocks = []
+
+    def block_product(v):
+        blocks.append(v.shape[1])
+        return a @ v
+
+    op = CallableOperator(lambda v: a @ v, a.shape[0], dtype=F64, matmat=block_product)
+    chunked = spectral_density(op, num_vectors=10, lanczos_steps=40, probes_per_block=probes_per_block)
+    assert chunked.num_matvecs == op.num_matvecs == d.num_matvecs == 400
+    sizes = [len(c) for c in torch.arange(10).split(probes_per_block)]
+    assert blocks == [size for size in sizes for _ in range(40)]  # one block product per Lanczos step
+    torch.testing.assert_close(chunked.nodes, d.nodes, rtol=0, atol=1e-12)
+    torch.testing.assert_close(chunked.weights, d.weights, rtol=0, atol=1e-10)
+    torch.testing.assert_close(chunked.density, d.density, rtol=0, atol=1e-12)
+
+
+def test_a_probe_that_stops_early_leaves_the_block():
+    """A probe in an invariant subspace of dimension 2 stops after 2 products while the others go on."""
+    lam = torch.cat([torch.tensor([3.0, -1.0], dtype=F64), torch.linspace(0.0, 1.0, 58, dtype=F64)])
+    a = known_spectrum(lam, seed=9)
+    q = torch.linalg.eigh(a).eigenvectors
+    early = (q[:, 0] + q[:, -1]) / 2**0.5  # spans an invariant subspace with A early
+    blocks = []
+
+    def block_product(v):
+        blocks.append(v.shape[1])
+        return a @ v
+
+    op = CallableOperator(lambda v: a @ v, 60, dtype=F64, matmat=block_product)
+    starts = torch.stack([early, torch.ones(60, dtype=F64) / 60**0.5])
+    t_early, t_full = _lockstep_lanczos(op, starts, 10)
+    assert blocks == [2, 2] + [1] * 8 and op.num_matvecs == 12
+    assert t_early.shape == (2, 2) and t_full.shape == (10, 10)
+    torch.testing.assert_close(torch.linalg.eigvalsh(t_early), torch.tensor([-1.0, 3.0], dtype=F64))
+
+
 def test_explicit_grid_and_sigma(clusters):
     _, a = clusters
     grid = torch.linspace(-6.0, 10.0, 4001, dtype=F64)
@@ -164,6 +205,7 @@ def test_same_seed_same_density_and_global_rng_untouched(clusters):
         ({"sigma": 0.0}, "sigma"),
         ({"sigma": -1.0}, "sigma"),
         ({"sigma": float("inf")}, "sigma"),
+        ({"probes_per_block": 0}, "probes_per_block"),
     ],
 )
 def test_bad_arguments(kwargs, name):

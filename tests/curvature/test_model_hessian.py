@@ -18,7 +18,7 @@ from sharpness.curvature import (
     spectral_density,
     top_eigenvalues,
 )
-from sharpness.curvature.edges import gd_edge, sam_edge
+from sharpness.curvature.edges import momentum_edge, sam_edge
 
 F = nn.functional
 
@@ -74,14 +74,16 @@ def test_tracking_from_the_cli_measures_lambda_max_against_the_edge(tmp_path: Pa
     rows = [json.loads(line) for line in (out / "sharpness.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [4, 8, 12, 16]  # 512 examples / 64 = 8 steps per epoch
     config = json.loads((out / "config.json").read_text())
-    for row in rows:
-        assert row["edge_kind"] == "sam" and row["residual"] <= 1e-3 * abs(row["lambda_max"]) + 1e-9
-        assert row["edge"] < gd_edge(config["lr"])
+    for row in rows:  # SAM around SGD with the CLI's momentum 0.9
+        assert row["edge_kind"] == "sam+momentum" and row["residual"] <= 1e-3 * abs(row["lambda_max"]) + 1e-9
+        assert row["edge"] < momentum_edge(config["lr"], config["momentum"])
     assert rows[-1]["matvecs"] < rows[0]["matvecs"] or rows[-1]["matvecs"] <= 10  # warm starts are cheap
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["sharpness_lambda_max"] == rows[-1]["lambda_max"]
     lr_end = last["lr"]
-    assert rows[-1]["edge"] == pytest.approx(sam_edge(lr_end, config["rho"], rows[-1]["grad_norm"]), rel=1e-9)
+    expected = sam_edge(lr_end, config["rho"], rows[-1]["grad_norm"], momentum=config["momentum"])
+    assert rows[-1]["edge"] == pytest.approx(expected, rel=1e-9)
+    assert rows[-1]["lambda_over_edge"] == pytest.approx(rows[-1]["lambda_max"] / expected, rel=1e-9)
     assert (out / "sharpness.png").is_file() and "Sharpness" in (out / "report.html").read_text()
     assert math.isfinite(rows[-1]["lambda_max"]) and rows[-1]["lambda_max"] > 0
 
@@ -93,7 +95,7 @@ def test_tracking_at_the_end_of_a_cosine_schedule_reports_an_infinite_edge(tmp_p
     strict = {"parse_constant": lambda name: pytest.fail(f"non-strict JSON constant {name}")}
     rows = [json.loads(line, **strict) for line in (out / "sharpness.jsonl").read_text().splitlines()]
     assert rows[-1]["edge"] is None  # infinite (lr = 0), written as null: the file is strict JSON
-    assert rows[-1]["edge_kind"] == "gd" and rows[-1]["lambda_over_edge"] == 0.0
+    assert rows[-1]["edge_kind"] == "momentum" and rows[-1]["lambda_over_edge"] == 0.0  # SGD, momentum 0.9
 
 
 def test_lanczos_agrees_with_scipy_eigsh_on_the_model_operator(model_and_hessian) -> None:

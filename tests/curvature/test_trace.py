@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sharpness.curvature.linop import DenseOperator
+from sharpness.curvature.linop import CallableOperator, DenseOperator, rademacher
 from sharpness.curvature.trace import FrobeniusEstimate, TraceEstimate, frobenius_norm, hutchinson_trace, hutchpp_trace
 
 F64 = torch.float64
@@ -107,6 +107,38 @@ def test_hutchpp_budget_larger_than_dimension():
     lam = torch.linspace(-1.0, 2.0, 10, dtype=F64)
     est = hutchpp_trace(DenseOperator(known_spectrum(lam)), 60)  # sketch of 20 > n = 10 columns
     assert est.num_matvecs == 60 and est.value == pytest.approx(float(lam.sum()), abs=1e-10)
+
+
+def hutchpp_one_column_at_a_time(a, budget, seed):
+    """Meyer et al.'s Algorithm 1 with one product per vector, drawing the random vectors in the same order."""
+    g, n, s = gen(seed), a.shape[0], budget // 3
+    sketch = torch.stack([a @ rademacher(n, dtype=F64, device=a.device, generator=g) for _ in range(s)], dim=1)
+    q, _ = torch.linalg.qr(sketch)
+    exact = sum(float(q[:, i] @ (a @ q[:, i])) for i in range(q.shape[1]))
+    samples = []
+    for _ in range(budget - s - q.shape[1]):
+        v = rademacher(n, dtype=F64, device=a.device, generator=g)
+        v = v - q @ (q.T @ v)
+        samples.append(float(v @ (a @ v)))
+    return exact + sum(samples) / len(samples)
+
+
+@pytest.mark.parametrize("budget", [3, 30, 99, 400])
+def test_hutchpp_block_products_equal_the_column_by_column_algorithm(low_rank_plus_noise, budget):
+    _, a = low_rank_plus_noise
+    blocks = []
+
+    def block_product(v):
+        blocks.append(v.shape[1])
+        return a @ v
+
+    op = CallableOperator(lambda v: a @ v, a.shape[0], dtype=F64, matmat=block_product)
+    est = hutchpp_trace(op, budget, generator=gen(4))
+    s = budget // 3
+    r = min(s, a.shape[0])
+    assert blocks == [s, r, budget - s - r]  # the sketch, the basis, the probes: one block product each
+    assert est.num_matvecs == op.num_matvecs == budget
+    assert est.value == pytest.approx(hutchpp_one_column_at_a_time(a, budget, 4), rel=1e-12, abs=1e-9)
 
 
 def test_frobenius_within_four_standard_errors(indefinite):

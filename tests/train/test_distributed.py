@@ -107,6 +107,7 @@ def test_torchrun_form_trains_sam_and_tracks_sharpness_over_both_processes(tmp_p
     for mine, theirs in zip(tracked, reference, strict=True):
         for key in ("lambda_max", "grad_norm", "loss"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-4), key
+        assert mine["edge_kind"] == theirs["edge_kind"] == "sam+momentum (bound)"  # per-replica ε: m-sharpness
 
 
 def test_a_dead_rank_stops_the_job_and_resume_finishes_it_in_one_process(tmp_path: Path) -> None:

@@ -24,8 +24,7 @@ import torch
 from torch import Tensor
 
 from sharpness.checks import check_integer, check_real
-from sharpness.curvature.eigen import _Lanczos
-from sharpness.curvature.linop import LinearOperator, counting, default_generator, rademacher
+from sharpness.curvature.linop import LinearOperator, apply_block, counting, default_generator, rademacher
 
 __all__ = ["SpectralDensity", "spectral_density", "gaussian_density"]
 
@@ -88,6 +87,57 @@ def gaussian_density(grid: Tensor, nodes: Tensor, weights: Tensor, sigma: float)
     return out
 
 
+def _lockstep_lanczos(op: LinearOperator, starts: Tensor, steps: int) -> list[Tensor]:
+    """Independent Lanczos recurrences from the rows of ``starts`` (unit vectors), one block product per step.
+
+    Probe ``p`` runs the single-vector recurrence ``β_j q_{j+1} = A q_j − α_j q_j − β_{j-1} q_{j-1}`` with full
+    reorthogonalisation against its own basis by classical Gram-Schmidt applied twice, exactly as it would alone
+    (Golub & Van Loan §10.1; Parlett §6.9): the probes only share the products, ``A [q_j^(1) … q_j^(p)]`` in one
+    :func:`~sharpness.curvature.linop.apply_block`. A probe whose ``β`` falls to rounding level (``<= 10 ·
+    sqrt(n) · eps · ‖T‖``: an invariant subspace) stops there and leaves the block, so each probe uses as many
+    products as it would alone. Returns each probe's tridiagonal ``T`` (float64, CPU), at most ``steps × steps``.
+    """
+    p, n = starts.shape
+    basis = torch.empty(p, steps, n, dtype=starts.dtype, device=starts.device)  # rows: the running probes
+    basis[:, 0] = starts
+    rows = torch.arange(p)  # which probe each row of `basis` belongs to
+    alpha = torch.zeros(p, steps, dtype=torch.float64)
+    beta = torch.zeros(p, steps, dtype=torch.float64)
+    sizes = torch.full((p,), steps, dtype=torch.long)
+    anorm = torch.zeros(p, dtype=torch.float64)
+    eps = torch.finfo(starts.dtype).eps
+    for j in range(steps):
+        q = basis[:, j]
+        w = apply_block(op, q.T.contiguous()).T
+        a = (q * w).sum(dim=1)
+        w = w - a[:, None] * q
+        if j > 0:
+            w = w - beta[rows, j - 1].to(w)[:, None] * basis[:, j - 1]
+        total = torch.zeros(len(rows), j + 1, dtype=w.dtype, device=w.device)
+        for _ in range(2):  # CGS2
+            h = torch.einsum("pjn,pn->pj", basis[:, : j + 1], w)
+            w = w - torch.einsum("pjn,pj->pn", basis[:, : j + 1], h)
+            total += h
+        alpha[rows, j] = (a + total[:, j]).to(device="cpu", dtype=torch.float64)
+        b = torch.linalg.vector_norm(w, dim=1).to(device="cpu", dtype=torch.float64)
+        anorm[rows] = torch.maximum(anorm[rows], alpha[rows, j].abs() + b + (beta[rows, j - 1] if j else 0.0))
+        done = (b <= 10.0 * math.sqrt(n) * eps * anorm[rows]) | (j + 1 == steps)
+        sizes[rows[done]] = j + 1
+        beta[rows, j] = torch.where(done, 0.0, b)
+        if bool(done.all()):
+            break
+        if bool(done.any()):  # drop the finished probes' rows (a copy, once per probe that stops early)
+            keep = ~done
+            basis, w, b, rows = basis[keep.to(basis.device)], w[keep.to(w.device)], b[keep], rows[keep]
+        basis[:, j + 1] = w / b.to(w)[:, None]
+    return [_tridiagonal(alpha[i, : sizes[i]], beta[i, : sizes[i] - 1]) for i in range(p)]
+
+
+def _tridiagonal(diagonal: Tensor, off: Tensor) -> Tensor:
+    """The symmetric tridiagonal matrix with ``diagonal`` and off-diagonal ``off``."""
+    return torch.diag(diagonal) + torch.diag(off, 1) + torch.diag(off, -1)
+
+
 def _check_grid(grid: object) -> Tensor | int:
     """``grid`` if it is an increasing 1-D tensor of at least 2 finite points, or as an int if an integer >= 2."""
     if not isinstance(grid, Tensor):
@@ -105,16 +155,25 @@ def spectral_density(
     grid: Tensor | int = 1000,
     sigma: float | None = None,
     generator: torch.Generator | None = None,
+    probes_per_block: int | None = None,
 ) -> SpectralDensity:
     """The spectral density of a symmetric operator by stochastic Lanczos quadrature, smoothed by a Gaussian.
 
-    Method (Lin, Saad & Yang 2016, §3.2; Ghorbani et al. 2019): for each of ``num_vectors`` random unit vectors
+    Method (Lin, Saad & Yang 2016, §3.2; Ubaru, Chen & Saad 2017; Ghorbani et al. 2019): for each of
+    ``num_vectors`` random unit vectors
     ``v = r / sqrt(n)`` (Rademacher ``r``, so ``E[v vᵀ] = I/n``), run ``m = min(lanczos_steps, n)`` Lanczos steps
     with full reorthogonalisation (as :func:`~sharpness.curvature.eigen.top_eigenvalues`; without it spurious
     copies of the extreme eigenvalues distort the weights). The eigen-decomposition ``T = S diag(θ) Sᵀ`` gives
     nodes ``θ_i`` and weights ``w_i = S_{1i}²``; the density is ``φ_σ(x) = mean_v Σ_i w_i N(x; θ_i, σ²)``. A run
     that reaches an invariant subspace stops early (its quadrature is then exact) and is padded with zero
-    weights. Cost: ``num_vectors · m`` products; memory ``(m + 1) × n`` for one vector's basis at a time.
+    weights.
+
+    The probes' Lanczos recurrences are independent but run in lockstep, ``probes_per_block`` at a time: each
+    step is one block product ``A [q^(1) … q^(p)]`` through :func:`~sharpness.curvature.linop.apply_block` (a
+    single batched pass when the operator has ``matmat``). The random vectors are drawn in the same order as one
+    probe at a time and the arithmetic per probe is the same, so the result equals the one-probe-at-a-time
+    computation up to rounding, whatever ``probes_per_block``. Cost: ``num_vectors · m`` products (fewer if runs
+    stop early); memory ``probes_per_block × m × n`` values of the operator's dtype for the bases.
 
     Defaults: ``σ = 0.01 · (max θ − min θ)`` over all nodes (``0.01 · max(|θ|, 1)`` if all nodes coincide), a
     resolution of 1% of the spectrum's width; an integer ``grid`` means that many equally spaced points on
@@ -128,6 +187,8 @@ def spectral_density(
         grid: number of grid points (``>= 2``) or an explicit increasing 1-D tensor of points.
         sigma: Gaussian width, ``> 0``; default as above.
         generator: source of the start vectors; default a fresh generator seeded 0 (the global RNG is never used).
+        probes_per_block: how many recurrences share a block product, ``>= 1``; default all ``num_vectors``. Lower
+            it to bound the memory of the bases.
 
     Returns:
         :class:`SpectralDensity` in the operator's dtype and on its device.
@@ -142,17 +203,21 @@ def spectral_density(
     if sigma is not None:
         sigma = check_real(sigma, "sigma", low=0.0, low_open=True, what="or None for the default")
     generator = default_generator(generator)
+    probes_per_block = check_integer(
+        num_vectors if probes_per_block is None else probes_per_block, "probes_per_block", low=1
+    )
 
     n = op.dim
     m = min(lanczos_steps, n)
     nodes = torch.empty(num_vectors, m, dtype=torch.float64)
     weights = torch.zeros(num_vectors, m, dtype=torch.float64)
-    for i in range(num_vectors):
-        v = rademacher(n, dtype=op.dtype, device=op.device, generator=generator) / math.sqrt(n)
-        lanczos = _Lanczos(op, m, v)
-        while lanczos.steps < m and not lanczos.step():
-            pass
-        theta, s = lanczos.ritz()
+    starts = torch.stack(
+        [rademacher(n, dtype=op.dtype, device=op.device, generator=generator) for _ in range(num_vectors)]
+    )
+    chunks = torch.split(starts / math.sqrt(n), probes_per_block)
+    tridiagonals = [t for chunk in chunks for t in _lockstep_lanczos(op, chunk, m)]
+    for i, tridiagonal in enumerate(tridiagonals):
+        theta, s = torch.linalg.eigh(tridiagonal)
         w = s[0] ** 2
         size = theta.numel()
         nodes[i, :size] = theta

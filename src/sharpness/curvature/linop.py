@@ -1,13 +1,18 @@
 """Matrix-free symmetric linear operators, and the helpers the curvature estimators share.
 
 An operator is anything with ``dim``, ``dtype``, ``device`` and ``matvec(v) -> A v`` on flat ``(dim,)`` tensors
-(:class:`LinearOperator`, a structural protocol: no base class needed). The estimators in
-:mod:`sharpness.curvature.eigen`, :mod:`sharpness.curvature.trace` and :mod:`sharpness.curvature.density` only
-ever call ``matvec``; each wraps the operator in :func:`counting` and reports how many products it used
-(``num_matvecs`` on its result), because for a Hessian every product costs a forward and two backward passes.
+(:class:`LinearOperator`, a structural protocol: no base class needed). It *may* also have ``matmat(V) -> A V``
+on a ``(dim, k)`` block of column vectors, counting ``k`` products: a Hessian operator can then apply ``A`` to
+several vectors in one batched pass. :func:`apply_block` is how the estimators multiply a block: ``op.matmat``
+when the operator has it, else ``op.matvec`` column by column (the same products, the same count).
+
+The estimators in :mod:`sharpness.curvature.eigen`, :mod:`sharpness.curvature.trace` and
+:mod:`sharpness.curvature.density` only ever call ``matvec`` and ``matmat``; each wraps the operator in
+:func:`counting` and reports how many products it used (``num_matvecs`` on its result; a block of ``k`` columns
+counts ``k``), because for a Hessian every product costs a forward and two backward passes.
 
 :class:`DenseOperator` wraps an explicit symmetric matrix (tests, docs, small problems) and counts its own
-products; :class:`CallableOperator` turns a plain function into an operator.
+products; :class:`CallableOperator` turns a plain function (and optionally a block function) into an operator.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ __all__ = [
     "DenseOperator",
     "CallableOperator",
     "CountingOperator",
+    "apply_block",
     "counting",
     "check_operator",
     "default_generator",
@@ -38,7 +44,9 @@ class LinearOperator(Protocol):
     """A symmetric linear map on flat vectors of size ``dim``, known only through its products.
 
     ``matvec(v)`` takes a flat ``(dim,)`` tensor of ``dtype`` on ``device`` and returns ``A v`` with the same
-    shape, dtype and device. The estimators assume ``A`` is symmetric (a Hessian) and never call anything else.
+    shape, dtype and device. The estimators assume ``A`` is symmetric (a Hessian). An operator may also define
+    ``matmat(V)``: ``A V`` for a ``(dim, k)`` tensor, returning ``(dim, k)`` and counting ``k`` products; it is
+    optional (not part of this protocol's checks) and reached through :func:`apply_block`.
     """
 
     dim: int
@@ -56,7 +64,8 @@ class DenseOperator:
         check_symmetric: raise ``ValueError`` unless ``matrix`` is symmetric up to rounding
             (``|A - Aᵀ| <= 1e3 · eps · max|A|`` entrywise).
 
-    ``num_matvecs`` counts every call to :meth:`matvec` since construction or the last :meth:`reset_count`.
+    ``num_matvecs`` counts every product since construction or the last :meth:`reset_count`: one per
+    :meth:`matvec`, ``k`` per :meth:`matmat` of ``k`` columns (one matrix product).
     """
 
     def __init__(self, matrix: Tensor, *, check_symmetric: bool = True) -> None:
@@ -81,6 +90,10 @@ class DenseOperator:
         self.num_matvecs += 1
         return self.matrix @ v
 
+    def matmat(self, block: Tensor) -> Tensor:
+        self.num_matvecs += block.shape[1]
+        return self.matrix @ block
+
     def reset_count(self) -> None:
         self.num_matvecs = 0
 
@@ -89,7 +102,12 @@ class DenseOperator:
 
 
 class CallableOperator:
-    """A :class:`LinearOperator` from a function ``v -> A v`` on flat ``(dim,)`` tensors; counts its products."""
+    """A :class:`LinearOperator` from a function ``v -> A v`` on flat ``(dim,)`` tensors; counts its products.
+
+    ``matmat``, if given, is a function ``V -> A V`` on ``(dim, k)`` blocks (e.g. a batched Hessian-vector
+    product); without it :meth:`matmat` applies ``matvec`` to the columns one by one. Either way a block of ``k``
+    columns counts ``k`` products.
+    """
 
     def __init__(
         self,
@@ -98,10 +116,14 @@ class CallableOperator:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        matmat: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if not callable(matvec):
             raise TypeError("matvec must be callable")
+        if matmat is not None and not callable(matmat):
+            raise TypeError("matmat must be callable or None")
         self._fn = matvec
+        self._block_fn = matmat
         self.dim = check_integer(dim, "dim", low=1)
         self.dtype = dtype
         self.device = torch.device(device)
@@ -111,6 +133,12 @@ class CallableOperator:
         self.num_matvecs += 1
         return self._fn(v)
 
+    def matmat(self, block: Tensor) -> Tensor:
+        self.num_matvecs += block.shape[1]
+        if self._block_fn is not None:
+            return self._block_fn(block)
+        return _stack_columns(self._fn, block)
+
     def reset_count(self) -> None:
         self.num_matvecs = 0
 
@@ -119,7 +147,10 @@ class CallableOperator:
 
 
 class CountingOperator:
-    """Wraps an operator: forwards ``matvec``, counts the calls in ``num_matvecs``, checks the output's shape.
+    """Wraps an operator: forwards ``matvec`` and ``matmat``, counts the products, checks the outputs' shapes.
+
+    ``num_matvecs`` grows by one per :meth:`matvec` and by ``k`` per :meth:`matmat` of ``k`` columns, which goes
+    to the wrapped operator's own ``matmat`` when it has one (see :func:`apply_block`).
 
     The product is returned detached from any autograd graph (a Hessian-vector product built with
     ``create_graph`` would otherwise keep every graph alive). The wrapped operator's own counter (if it has one)
@@ -142,11 +173,44 @@ class CountingOperator:
             raise ValueError(f"operator's matvec must return a flat ({self.dim},) tensor, got {shape}")
         return out.detach()
 
+    def matmat(self, block: Tensor) -> Tensor:
+        out = apply_block(self.op, block)
+        self.num_matvecs += block.shape[1]
+        if not isinstance(out, Tensor) or out.shape != block.shape:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"operator's matmat must return a {tuple(block.shape)} tensor, got {shape}")
+        return out.detach()
+
     def reset_count(self) -> None:
         self.num_matvecs = 0
 
     def __repr__(self) -> str:
         return f"CountingOperator({self.op!r}, num_matvecs={self.num_matvecs})"
+
+
+def _stack_columns(matvec: Callable[[Tensor], Tensor], block: Tensor) -> Tensor:
+    """``[matvec(V[:, 0]), …, matvec(V[:, k-1])]`` as the columns of a ``(dim, k)`` tensor."""
+    columns = [matvec(block[:, i].contiguous()) for i in range(block.shape[1])]
+    for out in columns:
+        if not isinstance(out, Tensor) or out.shape != block.shape[:1]:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"operator's matvec must return a flat ({block.shape[0]},) tensor, got {shape}")
+    return torch.stack(columns, dim=1)
+
+
+def apply_block(op: LinearOperator, block: Tensor) -> Tensor:
+    """``A V`` for a ``(dim, k)`` block ``V``: one ``op.matmat(V)`` if the operator has it, else ``k`` ``matvec`` s.
+
+    Either way the operator counts ``k`` products. Raises ``ValueError`` unless ``block`` is a ``(dim, k)`` tensor
+    with ``k >= 1``.
+    """
+    if not isinstance(block, Tensor) or block.ndim != 2 or block.shape[0] != op.dim or block.shape[1] == 0:
+        shape = tuple(block.shape) if isinstance(block, Tensor) else type(block).__name__
+        raise ValueError(f"block must be a ({op.dim}, k) tensor with k >= 1 columns, got shape {shape}")
+    matmat = getattr(op, "matmat", None)
+    if matmat is not None:
+        return matmat(block)
+    return _stack_columns(op.matvec, block)
 
 
 def counting(op: LinearOperator) -> CountingOperator:
@@ -161,6 +225,8 @@ def check_operator(op: object) -> None:
             raise TypeError(f"op must be a LinearOperator (dim, dtype, device, matvec); it has no {name!r}")
     if not callable(op.matvec):
         raise TypeError("op.matvec must be callable")
+    if hasattr(op, "matmat") and not callable(op.matmat):
+        raise TypeError("op.matmat must be callable when present (an optional block product)")
     check_integer(op.dim, "op.dim", low=1)
     if not isinstance(op.dtype, torch.dtype) or not op.dtype.is_floating_point:
         raise ValueError(f"op.dtype must be a floating-point torch.dtype, got {op.dtype!r}")

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from sharpness.checks import check_integer
-from sharpness.curvature.linop import LinearOperator, counting, default_generator, gaussian, rademacher
+from sharpness.curvature.linop import LinearOperator, apply_block, counting, default_generator, gaussian, rademacher
 
 __all__ = ["TraceEstimate", "FrobeniusEstimate", "hutchinson_trace", "hutchpp_trace", "frobenius_norm"]
 
@@ -80,6 +80,11 @@ def _probe(distribution: str, op: LinearOperator, generator: torch.Generator) ->
     return draw(op.dim, dtype=op.dtype, device=op.device, generator=generator)
 
 
+def _rademacher_block(n: int, count: int, op: LinearOperator, generator: torch.Generator) -> Tensor:
+    """``count`` Rademacher vectors as the columns of an ``(n, count)`` block, drawn one after another."""
+    return torch.stack([rademacher(n, dtype=op.dtype, device=op.device, generator=generator) for _ in range(count)], 1)
+
+
 def hutchinson_trace(
     op: LinearOperator,
     num_samples: int = 100,
@@ -129,7 +134,12 @@ def hutchpp_trace(
     large eigenvalues, so the Hutchinson part only sees the deflated rest: error ``O(1/m)`` instead of
     ``O(1/sqrt(m))`` for a positive semi-definite ``A``. The standard error is that of the Hutchinson part,
     conditional on ``Q``. If ``s > n`` the basis has ``n`` columns, the first term is ``tr(A)`` exactly and the
-    unused products go to the probes. Memory: two ``n × s`` blocks of the operator's dtype.
+    unused products go to the probes.
+
+    Products come in three blocks through :func:`~sharpness.curvature.linop.apply_block`: ``A S``, ``A Q`` and
+    ``A G`` for the projected probes ``G`` (one batched call each when the operator has ``matmat``, the same
+    ``num_matvecs`` either way; the random vectors are drawn in the same order as one at a time, so the estimate
+    equals the column-by-column one up to rounding). Memory: a few ``n × s`` blocks of the operator's dtype.
 
     Args:
         op: a symmetric :class:`~sharpness.curvature.linop.LinearOperator`.
@@ -143,21 +153,15 @@ def hutchpp_trace(
     generator = default_generator(generator)
     n = op.dim
     s = num_matvecs // 3
-    # Sketch: A S, one product per column.
-    sketch = torch.stack(
-        [op.matvec(rademacher(n, dtype=op.dtype, device=op.device, generator=generator)) for _ in range(s)], dim=1
-    )
+    sketch = apply_block(op, _rademacher_block(n, s, op, generator))  # A S
     q, _ = torch.linalg.qr(sketch, mode="reduced")  # (n, min(n, s)), orthonormal even if A S is rank deficient
     del sketch
     r = q.shape[1]
     num_probes = num_matvecs - s - r
-    exact = sum(float(torch.dot(q[:, i], op.matvec(q[:, i]))) for i in range(r))
-    samples = []
-    for _ in range(num_probes):
-        g = rademacher(n, dtype=op.dtype, device=op.device, generator=generator)
-        g = g - q @ (q.T @ g)
-        samples.append(float(torch.dot(g, op.matvec(g))))
-    rest, stderr = _mean_stderr(samples)
+    exact = float((q * apply_block(op, q)).sum())  # tr(Qᵀ A Q)
+    g = _rademacher_block(n, num_probes, op, generator)  # num_probes >= s >= 1
+    g = g - q @ (q.T @ g)
+    rest, stderr = _mean_stderr((g * apply_block(op, g)).sum(dim=0).tolist())
     return TraceEstimate(value=exact + rest, stderr=stderr, num_samples=num_probes, num_matvecs=op.num_matvecs)
 
 

@@ -1,11 +1,15 @@
-"""Live sharpness tracking: λ_max of the training loss's Hessian against the applicable stability edge.
+"""Live sharpness tracking: λ_max of the training loss's Hessian against the optimizer's stability edge.
 
 Every ``every`` optimizer steps the :class:`SharpnessTracker` callback measures, on a fixed measurement set (by
 default the first ``measure_size`` training examples), the top Hessian eigenvalue λ_max by Lanczos warm-started
 from the previous top eigenvector (so tracking costs a few Hessian-vector products per measurement), the gradient
-norm ``||g||`` and the edge that applies to the optimizer: ``2/η`` for SGD/GD, the SAM-edge
-``ηλ(1 + ρλ/||g||) = 2`` for SAM-family optimizers (Cohen et al. 2021; Long & Bartlett 2024). Each measurement is
-a row of ``sharpness.jsonl`` in the run folder; the latest values also go into the epoch's metrics.
+norm ``||g||`` and the edge that applies to the optimizer (:func:`~sharpness.curvature.optimizer_edges.optimizer_edge`:
+``2/η`` for GD, ``(2 + 2β)/η`` for heavy-ball momentum, the SAM-edge ``ηλ(1 + ρλ/||g||) = 2 + 2β`` for SAM, ...;
+Cohen et al. 2021; Long & Bartlett 2024). For Adam, AdamW and RMSprop (also inside SAM or MSAM) it also measures
+the preconditioned sharpness ``λ_max(P⁻¹H)`` with ``P`` from the optimizer's state
+(:mod:`sharpness.curvature.preconditioned`), warm-started the same way: that is the quantity whose edge
+(``38/η`` for Adam at β₁ = 0.9) applies (Cohen et al., arXiv 2207.14484). Each measurement is a row of
+``sharpness.jsonl`` in the run folder; the latest values also go into the epoch's metrics.
 
 In a data-parallel run (DDP, several processes) every process runs the tracker on its contiguous part of the
 measurement set and the Hessian-vector products are all-reduced (``HessianOperator(process_group="default")``), so
@@ -23,12 +27,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sharpness.checks import check_integer
-from sharpness.curvature.edges import gd_edge, sam_edge
-from sharpness.curvature.eigen import top_eigenvalues
+from sharpness.curvature.eigen import EigenResult, top_eigenvalues
 from sharpness.curvature.operator import HessianOperator
+from sharpness.curvature.optimizer_edges import StabilityEdge, optimizer_edge
+from sharpness.curvature.preconditioned import PreconditionedOperator, adaptive_preconditioner
 from sharpness.curvature.state import Mode
 from sharpness.data import num_batches
 from sharpness.optim.msam import unperturbed_weights
+from sharpness.optim.policy import Always
 from sharpness.optim.sam import SAM
 from sharpness.train.callbacks import Callback
 from sharpness.train.checkpoint import to_json
@@ -43,12 +49,27 @@ TRACKING_NAME = "sharpness.jsonl"
 class SharpnessTracker(Callback):
     """Measure λ_max, ``||g||`` and the stability edge every ``every`` steps (and after the last step).
 
+    A row of ``sharpness.jsonl`` has ``step``, ``epoch``, ``loss``, ``lambda_max`` (always the raw ``λ_max(H)``),
+    ``grad_norm``, ``edge``, ``edge_kind`` (the vocabulary of :mod:`sharpness.curvature.optimizer_edges`: ``"gd"``,
+    ``"momentum"``, ``"adam"``, ``"sam+momentum"``, ``"asam+momentum (bound)"``, ...), ``lambda_over_edge``
+    (the sharpness the edge is about over the edge: ``preconditioned_lambda_max`` for Adam/AdamW/RMSprop bases,
+    ``lambda_max`` otherwise; 0 when the edge is ∞ at ``lr = 0``, null when it is unknown), ``residual`` and
+    ``matvecs`` (Hessian-vector products of the measurement, both eigenvalues). With an adaptive optimizer also
+    ``preconditioned_lambda_max`` and ``preconditioned_residual``.
+
+    Switching policies (AE-SAM, LookSAM, RandomSAM, periodic SAM, LateSAM: a SAM step on some steps, a plain base
+    step on the others) alternate two dynamics with two edges. The row reports both, ``sam_step_edge`` and
+    ``erm_step_edge``, and ``sam_fraction``, the fraction of SAM steps among the steps since the previous
+    measurement; ``edge`` and ``edge_kind`` are those of the step type the majority of those steps took (SAM on a
+    tie, or when no step was taken). The edge of the alternating dynamic itself lies between the two (e.g. SAM every
+    ``k`` steps around GD: the ``λ`` with ``|1 − ηλ(1 + ρλ/||g||)| · |1 − ηλ|^{k−1} = 1``); it is not computed.
+
     Args:
         every: steps between measurements (>= 1).
         run_dir: if given, each measurement is appended to ``run_dir/sharpness.jsonl`` (rewritten from the saved
             rows when a run resumes).
         measure_size: the measurement set is the first ``measure_size`` training examples (fixed for the run).
-        tol, max_iter: Lanczos tolerance (relative residual) and iteration cap per measurement.
+        tol, max_iter: Lanczos tolerance (relative residual) and iteration cap per eigenvalue.
         mode: ``"eval"`` or ``"train"`` Hessian (see :func:`sharpness.curvature.state.measurement_mode`).
     """
 
@@ -67,7 +88,9 @@ class SharpnessTracker(Callback):
         self.tol, self.max_iter, self.mode = tol, max_iter, mode
         self.path = Path(run_dir) / TRACKING_NAME if run_dir is not None else None
         self.rows: list[dict[str, Any]] = []
-        self._vector: torch.Tensor | None = None
+        self._vector: torch.Tensor | None = None  # warm starts: the last top eigenvector of H ...
+        self._preconditioned_vector: torch.Tensor | None = None  # ... and of P^{-1/2} H P^{-1/2}
+        self._counts = (0, 0)  # the optimizer's (steps, SAM steps) at the last measurement
 
     def on_train_start(self, trainer: Trainer) -> None:
         if trainer.sharded:
@@ -101,49 +124,74 @@ class SharpnessTracker(Callback):
             )
             loss, gradient = op.loss_and_gradient()
             grad_norm = float(gradient.norm())
-            result = top_eigenvalues(op, k=1, tol=self.tol, max_iter=self.max_iter, init=self._vector)
+            result = self._top(op, self._vector)
+            preconditioner = adaptive_preconditioner(trainer.optimizer, op.params)
+            preconditioned = (
+                None
+                if preconditioner is None
+                else self._top(PreconditionedOperator(op, preconditioner), self._preconditioned_vector)
+            )
         self._vector = result.eigenvectors[0].detach()
-        lam = float(result.eigenvalues[0])
-        edge, kind = self._edge(trainer, grad_norm)
-        row = {
-            "step": step,
-            "epoch": epoch + 1,
-            "loss": loss,
-            "lambda_max": lam,
-            "grad_norm": grad_norm,
-            "edge": edge,
-            "edge_kind": kind,
-            "lambda_over_edge": lam / edge,  # 0 where the edge is infinite (lr = 0)
-            "residual": float(result.residuals[0]),
-            "matvecs": result.num_matvecs,
-        }
+        row = {"step": step, "epoch": epoch + 1, "loss": loss, "lambda_max": float(result.eigenvalues[0])}
+        edge, switching = self._edges(trainer, grad_norm)
+        row.update(grad_norm=grad_norm, edge=edge.value, edge_kind=edge.kind, **switching)
+        row.update(residual=float(result.residuals[0]), matvecs=result.num_matvecs)
+        sharpness = row["lambda_max"]
+        if preconditioned is not None:
+            self._preconditioned_vector = preconditioned.eigenvectors[0].detach()
+            row["preconditioned_lambda_max"] = float(preconditioned.eigenvalues[0])
+            row["preconditioned_residual"] = float(preconditioned.residuals[0])
+            row["matvecs"] += preconditioned.num_matvecs
+        if edge.preconditioned:  # NaN (null) if the optimizer has not stepped yet: no preconditioner
+            sharpness = row.get("preconditioned_lambda_max", math.nan)
+        row["lambda_over_edge"] = sharpness / edge.value  # 0 where the edge is infinite (lr = 0)
         self.rows.append(row)
         if self.path is not None:
             with self.path.open("a") as handle:
                 handle.write(to_json(row) + "\n")  # strict JSON: an infinite edge (lr = 0) is null
         return row
 
-    @staticmethod
-    def _edge(trainer: Trainer, grad_norm: float) -> tuple[float, str]:
-        group = trainer.optimizer.param_groups[0]
-        lr = group["lr"]
-        kind = "sam" if isinstance(trainer.optimizer, SAM) and group["sam_rho"] > 0 else "gd"
-        if lr == 0:  # e.g. the end of a cosine schedule: a zero step is stable at any curvature
-            return math.inf, kind
-        if kind == "sam" and grad_norm > 0:
-            return sam_edge(lr, group["sam_rho"], grad_norm), "sam"
-        return gd_edge(lr), "gd"
+    def _top(self, op: HessianOperator | PreconditionedOperator, init: torch.Tensor | None) -> EigenResult:
+        return top_eigenvalues(op, k=1, tol=self.tol, max_iter=self.max_iter, init=init)
+
+    def _edges(self, trainer: Trainer, grad_norm: float) -> tuple[StabilityEdge, dict[str, float]]:
+        """The edge to report and, for a switching policy, the fields of both step types (see the class)."""
+        opt = trainer.optimizer
+        sam = optimizer_edge(opt, grad_norm, micro_batches=_micro_batches(trainer))
+        if not isinstance(opt, SAM) or isinstance(opt.policy, Always):
+            return sam, {}
+        erm = optimizer_edge(opt, grad_norm, sam_step=False)
+        steps, sam_steps = opt.steps - self._counts[0], opt.sam_steps - self._counts[1]
+        self._counts = (opt.steps, opt.sam_steps)
+        chosen = sam if steps == 0 or 2 * sam_steps >= steps else erm
+        fraction = sam_steps / steps if steps else math.nan
+        return chosen, {"sam_fraction": fraction, "sam_step_edge": sam.value, "erm_step_edge": erm.value}
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if self.rows:
             latest = self.rows[-1]
-            record.update({f"sharpness_{k}": latest[k] for k in ("lambda_max", "grad_norm", "edge")})
+            keys = ("lambda_max", "grad_norm", "edge", "preconditioned_lambda_max")
+            record.update({f"sharpness_{k}": latest[k] for k in keys if k in latest})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": list(self.rows), "vector": self._vector}
+        return {
+            "rows": list(self.rows),
+            "vector": self._vector,
+            "preconditioned_vector": self._preconditioned_vector,
+            "counts": self._counts,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows, self._vector = list(state["rows"]), state["vector"]
+        self._preconditioned_vector = state.get("preconditioned_vector")  # absent in older checkpoints
+        self._counts = tuple(state.get("counts", (0, 0)))
+
+
+def _micro_batches(trainer: Trainer) -> bool:
+    """Whether SAM perturbs per part of the batch: m-sharpness (``micro_batch``), or each replica with its own
+    gradient under DDP (``epsilon_from="replica"``, as :mod:`sharpness.integrations.accelerate` reads it)."""
+    sync = getattr(trainer.optimizer, "_sync", None)
+    return trainer.micro_batch is not None or (sync is not None and sync.local_first_pass)
 
 
 def _steps_per_epoch(trainer: Trainer) -> int:

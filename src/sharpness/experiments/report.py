@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ def _sharpness_section(tracked: bool) -> list[str]:
     return [
         "<h2>Sharpness</h2>",
         "<p>Top Hessian eigenvalue of the training loss on a fixed measurement set (Lanczos, warm-started) and the "
-        "stability edge of the optimizer: 2/η for SGD, the SAM-edge ηλ(1 + ρλ/||g||) = 2 for SAM.</p>",
+        "stability edge of the optimizer (its kind in the legend): 2/η for GD, (2 + 2β)/η for momentum β, the "
+        "SAM-edge ηλ(1 + ρλ/||g||) = 2 + 2β for SAM; for Adam the edge (2 + 2β₁)/((1 − β₁)η) applies to the "
+        "preconditioned sharpness λ_max(P⁻¹H), plotted dotted (docs/curvature.md).</p>",
         f'<img src="{SHARPNESS_FIGURE}" alt="sharpness" width="100%">',
     ]
 
@@ -196,10 +199,13 @@ def _sharpness_figure(series: dict[str, Path], path: Path, title: str) -> bool:
         rows = [nan_for_null(json.loads(line)) for line in file.read_text().splitlines() if line.strip()]
         steps = [row["step"] for row in rows]
         (line,) = axis.plot(steps, [row["lambda_max"] for row in rows], label=f"{label}: λ_max")
-        kind = "SAM-edge" if rows[-1]["edge_kind"] == "sam" else "2/η"
-        axis.plot(steps, [row["edge"] for row in rows], "--", color=line.get_color(), label=f"{label}: {kind}")
+        if "preconditioned_lambda_max" in rows[-1]:  # adaptive optimizers: the edge is one of λ_max(P⁻¹H)
+            preconditioned = [row.get("preconditioned_lambda_max", math.nan) for row in rows]
+            axis.plot(steps, preconditioned, ":", color=line.get_color(), label=f"{label}: λ_max(P⁻¹H)")
+        kind = rows[-1]["edge_kind"]
+        axis.plot(steps, [row["edge"] for row in rows], "--", color=line.get_color(), label=f"{label}: edge ({kind})")
     axis.set_xlabel("step")
-    axis.set_ylabel("top Hessian eigenvalue")
+    axis.set_ylabel("top eigenvalue of H (or P⁻¹H)")
     axis.set_yscale("log")
     _finish(fig, [axis], title, path)
     return True
