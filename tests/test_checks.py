@@ -29,7 +29,6 @@ from sharpness.checks import (
 )
 from sharpness.curvature import (
     DenseOperator,
-    SharpnessTracker,
     alignment_factor,
     average_case_sharpness,
     frobenius_norm,
@@ -50,6 +49,7 @@ from sharpness.data import Augmentation, load_dataset, num_batches
 from sharpness.experiments.config import ConfigError, RunConfig
 from sharpness.models import build_model
 from sharpness.optim import SAM, Adaptive, Bernoulli, EveryK, LookSAMReuse
+from sharpness.train.tracking import SharpnessTracker
 
 F = nn.functional
 NUMPY_INTEGERS = (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)

@@ -37,7 +37,7 @@ What is exact, bounded or approximate:
 
 A learning rate of 0 (the end of a cosine schedule) makes every edge ``∞``: a zero step is stable at any curvature.
 Switching policies (a SAM step on some steps, a base step on the others) are handled by the caller: pass
-``sam_step=False`` for the edge of the ERM steps (see :class:`~sharpness.curvature.tracking.SharpnessTracker`).
+``sam_step=False`` for the edge of the ERM steps (see :class:`~sharpness.train.tracking.SharpnessTracker`).
 """
 
 from __future__ import annotations

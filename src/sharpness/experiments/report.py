@@ -12,13 +12,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sharpness.curvature.tracking import TRACKING_NAME
 from sharpness.experiments.compare import RUNS_DIR, SUMMARY_NAME, format_table, summarize
 from sharpness.experiments.config import DEFAULT_MODELS
 from sharpness.experiments.figures import pyplot, save_figure
 from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME
 from sharpness.train import read_json, write_json
 from sharpness.train.checkpoint import nan_for_null
+from sharpness.train.tracking import TRACKING_NAME
 
 FIGURE_NAME, REPORT_NAME, SHARPNESS_FIGURE = "curves.png", "report.html", "sharpness.png"
 RISE = "sam_loss_rise"  # the epoch records' first-order sharpness estimate (sharpness.train.loop)

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from sharpness.curvature.tracking import SharpnessTracker
 from sharpness.data import Dataset, load_dataset, num_batches
 from sharpness.experiments.config import ConfigError, RunConfig
 from sharpness.models import build_model
@@ -43,6 +42,7 @@ from sharpness.train.distributed import (
     replica_device,
     world,
 )
+from sharpness.train.tracking import SharpnessTracker
 
 CONFIG_NAME, FINAL_NAME = "config.json", "final.json"
 LAUNCH_RECORD = ("world_size", "replica_batch")

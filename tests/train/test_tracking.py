@@ -10,12 +10,13 @@ import torch
 
 from sharpness import SAM, LateSAM
 from sharpness.cli import main
-from sharpness.curvature import HessianOperator, SharpnessTracker
+from sharpness.curvature import HessianOperator
 from sharpness.curvature.edges import adam_edge, momentum_edge, sam_edge
 from sharpness.curvature.preconditioned import PreconditionedOperator, adaptive_preconditioner
 from sharpness.data import load_dataset
 from sharpness.models import build_model
 from sharpness.train import Trainer
+from sharpness.train.tracking import SharpnessTracker
 
 MEASURE = 64
 
@@ -107,3 +108,21 @@ def test_adam_from_the_cli_tracks_the_preconditioned_sharpness_and_the_report_pl
     assert (out / "sharpness.png").is_file()
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["sharpness_preconditioned_lambda_max"] == rows[-1]["preconditioned_lambda_max"]
+
+
+def test_the_measurement_layer_does_not_import_the_training_loop() -> None:
+    """``sharpness.curvature`` loads without ``sharpness.train``; the old name of the tracker still works, with a
+    DeprecationWarning (issue 16: layering)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sharpness.curvature; "
+        "assert not any(m == 'sharpness.train' or m.startswith('sharpness.train.') for m in sys.modules), "
+        "sorted(m for m in sys.modules if m.startswith('sharpness'))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    import sharpness.curvature
+
+    with pytest.warns(DeprecationWarning, match="sharpness.train.tracking"):
+        assert sharpness.curvature.SharpnessTracker is SharpnessTracker
