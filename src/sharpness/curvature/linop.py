@@ -64,7 +64,7 @@ class DenseOperator:
         check_symmetric: raise ``ValueError`` unless ``matrix`` is symmetric up to rounding
             (``|A - Aᵀ| <= 1e3 · eps · max|A|`` entrywise).
 
-    ``num_matvecs`` counts every product since construction or the last :meth:`reset_count`: one per
+    ``num_matvecs`` counts every product since construction (set it to 0 to restart the count): one per
     :meth:`matvec`, ``k`` per :meth:`matmat` of ``k`` columns (one matrix product).
     """
 
@@ -93,9 +93,6 @@ class DenseOperator:
     def matmat(self, block: Tensor) -> Tensor:
         self.num_matvecs += block.shape[1]
         return self.matrix @ block
-
-    def reset_count(self) -> None:
-        self.num_matvecs = 0
 
     def __repr__(self) -> str:
         return f"DenseOperator(dim={self.dim}, dtype={self.dtype}, device={self.device})"
@@ -139,9 +136,6 @@ class CallableOperator:
             return self._block_fn(block)
         return _stack_columns(self._fn, block)
 
-    def reset_count(self) -> None:
-        self.num_matvecs = 0
-
     def __repr__(self) -> str:
         return f"CallableOperator(dim={self.dim}, dtype={self.dtype}, device={self.device})"
 
@@ -180,9 +174,6 @@ class CountingOperator:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"operator's matmat must return a {tuple(block.shape)} tensor, got {shape}")
         return out.detach()
-
-    def reset_count(self) -> None:
-        self.num_matvecs = 0
 
     def __repr__(self) -> str:
         return f"CountingOperator({self.op!r}, num_matvecs={self.num_matvecs})"
