@@ -105,3 +105,26 @@ def test_a_non_callable_matmat_is_rejected():
     op.matmat = "not a function"
     with pytest.raises(TypeError, match="matmat"):
         counting(op)
+
+
+def test_apply_block_uses_columns_for_an_operator_that_prefers_them() -> None:
+    """``prefers_blocks = False`` (the CPU double-backward Hessian): the same result from ``k`` matvecs."""
+    a = torch.randn(4, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    calls = []
+    op = CallableOperator(lambda x: a @ x, 4, dtype=F64, matmat=lambda v: calls.append(v) or a @ v)
+    block = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
+    torch.testing.assert_close(apply_block(op, block), a @ block)
+    assert len(calls) == 1
+    op.prefers_blocks = False
+    torch.testing.assert_close(apply_block(counting(op), block), a @ block)
+    assert len(calls) == 1 and op.num_matvecs == 6
+
+
+def test_the_cpu_double_backward_hessian_prefers_columns() -> None:
+    from sharpness.curvature import HessianOperator
+
+    model = torch.nn.Linear(3, 2).double()
+    data = (torch.randn(5, 3, dtype=F64), torch.randint(0, 2, (5,)))
+    loss = torch.nn.functional.cross_entropy
+    assert not HessianOperator(model, loss, data).prefers_blocks
+    assert HessianOperator(model, loss, data, backend="forward_over_reverse").prefers_blocks

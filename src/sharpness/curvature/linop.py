@@ -190,16 +190,17 @@ def _stack_columns(matvec: Callable[[Tensor], Tensor], block: Tensor) -> Tensor:
 
 
 def apply_block(op: LinearOperator, block: Tensor) -> Tensor:
-    """``A V`` for a ``(dim, k)`` block ``V``: one ``op.matmat(V)`` if the operator has it, else ``k`` ``matvec`` s.
+    """``A V`` for a ``(dim, k)`` block ``V``: one ``op.matmat(V)`` if the operator has it (and does not declare
+    ``prefers_blocks = False``: block products that are slower there than column by column), else ``k`` ``matvec`` s.
 
-    Either way the operator counts ``k`` products. Raises ``ValueError`` unless ``block`` is a ``(dim, k)`` tensor
-    with ``k >= 1``.
+    Either way the operator counts ``k`` products and the result is the same up to rounding. Raises ``ValueError``
+    unless ``block`` is a ``(dim, k)`` tensor with ``k >= 1``.
     """
     if not isinstance(block, Tensor) or block.ndim != 2 or block.shape[0] != op.dim or block.shape[1] == 0:
         shape = tuple(block.shape) if isinstance(block, Tensor) else type(block).__name__
         raise ValueError(f"block must be a ({op.dim}, k) tensor with k >= 1 columns, got shape {shape}")
     matmat = getattr(op, "matmat", None)
-    if matmat is not None:
+    if matmat is not None and getattr(op, "prefers_blocks", True):
         return matmat(block)
     return _stack_columns(op.matvec, block)
 

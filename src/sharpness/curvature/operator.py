@@ -272,6 +272,14 @@ class HessianOperator(ModelOperator):
         self._caches = cache_graph and backend == "double_backward" and self.data.bounded
         self._graphs: dict[int, tuple[Tensor, tuple[Tensor, ...]]] = {}  # batch index -> (loss, grads with graph)
 
+    @property
+    def prefers_blocks(self) -> bool:
+        """Whether the block estimators should use :meth:`matmat` (:func:`~sharpness.curvature.linop.apply_block`):
+        not for double backward on a CPU, where a batched backward is no faster per vector than single ones and
+        Hutch++ through it measured slower (``benchmarks/bench_hessian.py``: 0.92–0.96× per vector; Hutch++ 1.96 s
+        against 1.30 s column by column on ``cnn1d``). :meth:`matmat` itself still vectorises when called."""
+        return not (self.backend == "double_backward" and self.device.type == "cpu")
+
     def _batch_product(
         self, index: int, x: Any, y: Tensor, tangents: list[Tensor], vectorise: bool
     ) -> Sequence[Tensor]:
