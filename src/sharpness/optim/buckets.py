@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sharpness.optim.ascent import Perturbation
 from sharpness.optim.groups import fill_group
 from sharpness.optim.sharding import ShardReduce, is_sharded
 
@@ -41,14 +42,14 @@ def collect_buckets(param_groups: list[dict[str, Any]], defaults: Mapping[str, A
     buckets: dict[tuple[Any, ...], Bucket] = {}
     for index, group in enumerate(param_groups):
         fill_group(group, defaults)
-        scale_all = group["sam_adaptive"] and group["sam_adaptive_scope"] == "all"
+        scaling = Perturbation.from_group(group).scaling  # ASAM's T_w, on the tensors in its scope
         for param in group["params"]:
             if param.grad is None:
                 continue
             tensor, grad = _arithmetic_views(param)
             if tensor.numel() == 0:
                 continue
-            scaled = scale_all or (group["sam_adaptive"] and param.ndim >= 2)
+            scaled = scaling is not None and scaling.rescales(param)
             key = (index, tensor.device, tensor.dtype, scaled)
             bucket = buckets.get(key)
             if bucket is None:

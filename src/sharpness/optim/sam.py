@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from sharpness.optim import amp
+from sharpness.optim.ascent import DualNormMap, Perturbation, ascent_input, flags_of, is_plain_gradient, move
 from sharpness.optim.batchnorm import BatchNormStatsGuard
 from sharpness.optim.buckets import (
     Bucket,
@@ -34,7 +35,7 @@ from sharpness.optim.checkpoint import load_sam_state, split_state_dict, state_d
 from sharpness.optim.distributed import EpsilonFrom, ReplicaSync, replica_sync
 from sharpness.optim.groups import common_p, defaults_of, fill_group, reject_bare_options
 from sharpness.optim.m_sharpness import micro_batch_step
-from sharpness.optim.perturbation import all_finite, dual_norm, global_norm, unit_ascent
+from sharpness.optim.perturbation import all_finite, global_norm
 from sharpness.optim.policy import Always, Policy
 from sharpness.optim.reuse import LookSAMReuse
 from sharpness.optim.snapshot import TensorSnapshot
@@ -88,6 +89,12 @@ class SAM(Optimizer):
             elsewhere (SAM-ON, Mueller et al., NeurIPS 2023, arXiv 2306.04226). Their gradient is still computed
             at ``w + ε`` and stepped by the base optimizer. :func:`sharpness.optim.perturb_subset` splits a model's
             groups this way (e.g. only normalisation layers' affine parameters).
+        perturbation: the ascent step as one object, :class:`sharpness.optim.ascent.Perturbation` (gradient →
+            ASAM scaling → dual-norm map → parameter subset), e.g. ``ascent.chain(ascent.ASAMScaling(0.0, "all"),
+            ascent.DualNormMap(float("inf")))``. The flags ``adaptive``, ``p``, ``eta``, ``adaptive_scope`` and
+            ``include_weight_decay`` are its shorthand: give one or the other. A :class:`~sharpness.optim.ascent.
+            ParameterSubset` other than ``"all"`` needs ``model`` and splits the groups as
+            :func:`sharpness.optim.perturb_subset` does. Stored, like the flags, in the groups' ``sam_`` keys.
         model: if given, normalisation layers' running statistics are kept out of the perturbed pass
             automatically (see :func:`sharpness.frozen_bn`).
         policy: whether a step takes the second pass (:mod:`sharpness.optim.policy`; default :class:`Always`,
@@ -165,21 +172,18 @@ class SAM(Optimizer):
         adaptive_scope: Literal["weights", "all"] = "weights",
         include_weight_decay: bool = False,
         perturb: bool = True,
+        perturbation: Perturbation | None = None,
         model: nn.Module | None = None,
         policy: Policy | None = None,
         reuse: LookSAMReuse | None = None,
         epsilon_from: EpsilonFrom = "replica",
         **base_kwargs: Any,
     ) -> None:
-        defaults = defaults_of(
-            rho=rho,
-            p=p,
-            eta=eta,
-            adaptive=adaptive,
-            adaptive_scope=adaptive_scope,
-            include_weight_decay=include_weight_decay,
-            perturb=perturb,
-        )
+        flags = {"adaptive": adaptive, "p": p, "eta": eta, "adaptive_scope": adaptive_scope}
+        flags = flags_of(perturbation, {**flags, "include_weight_decay": include_weight_decay})
+        defaults = defaults_of(rho=rho, perturb=perturb, **flags)
+        if perturbation is not None:
+            params = _split_for_subset(params, base_optimizer, perturbation, model)
         self.base_optimizer = self._build_base(params, base_optimizer, defaults, base_kwargs)
         self._adopt_base_groups()
         for group in self.param_groups:
@@ -426,11 +430,11 @@ class SAM(Optimizer):
         the gradient restricted to them. ``False``, changing nothing, when the gradient is not finite (anywhere)."""
         if self._replica_local() and not math.isfinite(self._first_grad_norm(buckets, loss_scale)):
             return False  # not finite on some replica: every replica skips
-        p = common_p(self.param_groups)
+        ball = DualNormMap(common_p(self.param_groups))
         perturbed = [bucket for bucket in buckets if bucket.group["sam_perturb"]]
         # h = g on every bucket: ||h|| is ||g||, which the policy may have measured already and LookSAM needs
-        h_is_g = p == 2 and len(perturbed) == len(buckets) and all(map(_is_plain_gradient, buckets))
-        hs, norm, divisor = self._ascent_inputs(perturbed, loss_scale, p, h_is_g)
+        h_is_g = ball.p == 2 and len(perturbed) == len(buckets) and all(map(is_plain_gradient, buckets))
+        hs, norm, divisor = self._ascent_inputs(perturbed, loss_scale, ball, h_is_g)
         self.last_grad_norm = norm * divisor / loss_scale
         if not (math.isfinite(norm) and self._unperturbed_gradient_finite(buckets)):
             return False
@@ -438,11 +442,11 @@ class SAM(Optimizer):
             g_norm = norm if h_is_g and divisor == 1.0 else None
             self.reuse.save_first_gradient([b.owners for b in buckets], all_gradients(buckets), g_norm)
         if norm > 0.0:
-            directions, coefficient = unit_ascent(hs, p, norm, self._shard)
+            directions, coefficient = ball.direction(hs, norm, self._shard)
             snapshots = [self._snapshot_for(bucket) for bucket in perturbed]
             try:
                 for bucket, direction in zip(perturbed, directions, strict=True):
-                    _move(bucket, direction, coefficient)
+                    move(bucket, direction, coefficient)
             except BaseException:
                 for snapshot in snapshots:
                     snapshot.restore()
@@ -459,7 +463,7 @@ class SAM(Optimizer):
         return all_finite(flat_gradients(rest), self._shard)
 
     def _ascent_inputs(
-        self, buckets: list[Bucket], loss_scale: float, p: float, h_is_g: bool = False
+        self, buckets: list[Bucket], loss_scale: float, ball: DualNormMap, h_is_g: bool = False
     ) -> tuple[list[list[Tensor]], float, float]:
         """``(h, ||h||_q, d)`` with ``h = T_w (±g + λ w) / d`` per bucket; ``d = 1`` unless ``h`` overflowed.
 
@@ -467,16 +471,16 @@ class SAM(Optimizer):
         (a huge ``T_w g``) ``h`` is rebuilt from ``g / max|g|`` (``d = max|g|``). ``h_is_g``: ``h`` is the whole
         gradient and ``p = 2``, so the policy's ``||g||`` (this replica's, without a loss scale) is ``||h||``.
         """
-        hs = [_ascent_input(bucket, loss_scale, 1.0) for bucket in buckets]
+        hs = [ascent_input(bucket, loss_scale, 1.0) for bucket in buckets]
         known = h_is_g and loss_scale == 1.0 and self._grad_norm is not None and not self._replica_local()
-        norm = self._grad_norm if known else dual_norm(hs, p, self._shard)
+        norm = self._grad_norm if known else ball.norm(hs, self._shard)
         if math.isfinite(norm):
             return hs, norm, 1.0
         divisor = global_norm(all_gradients(buckets), math.inf, self._shard)
         if not math.isfinite(divisor) or divisor == 0.0:
             return hs, norm, 1.0  # the gradient itself is not finite
-        hs = [_ascent_input(bucket, loss_scale, divisor) for bucket in buckets]
-        return hs, dual_norm(hs, p, self._shard), divisor
+        hs = [ascent_input(bucket, loss_scale, divisor) for bucket in buckets]
+        return hs, ball.norm(hs, self._shard), divisor
 
     def _snapshot_for(self, bucket: Bucket) -> TensorSnapshot:
         snapshot = self._snapshots.get(bucket.key)
@@ -835,47 +839,23 @@ def _user_stacklevel() -> int:
     return level
 
 
-def _ascent_input(bucket: Bucket, loss_scale: float, divisor: float) -> list[Tensor]:
-    """``h = T_w (s g + λ w) / d`` for one bucket: ``s = -1`` for a maximising group, each part where configured.
-
-    ``λ w`` carries the gradients' loss scale (``loss_scale``) so that it is added to ``g`` on the same scale.
-    """
-    group, h = bucket.group, bucket.grads
-    sign = -1.0 if group.get("maximize", False) else 1.0
-    weight_decay = group.get("weight_decay", 0.0) if group["sam_include_weight_decay"] else 0.0
-    copied = sign != 1.0 or divisor != 1.0
-    if copied:
-        h = torch._foreach_mul(h, sign / divisor)
-    if weight_decay:
-        alpha = weight_decay * loss_scale / divisor
-        if copied:
-            torch._foreach_add_(h, bucket.params, alpha=alpha)
-        else:
-            h, copied = torch._foreach_add(h, bucket.params, alpha=alpha), True
-    if bucket.scaled:
-        bucket.scale = torch._foreach_abs(bucket.params)
-        torch._foreach_add_(bucket.scale, bucket.group["sam_eta"])
-        h = torch._foreach_mul(h, bucket.scale)
-    return list(h)
-
-
-def _is_plain_gradient(bucket: Bucket) -> bool:
-    """Whether :func:`_ascent_input` gives the bucket's gradient itself (no sign, weight decay or ASAM scaling)."""
-    group = bucket.group
-    weight_decay = group.get("weight_decay", 0.0) if group["sam_include_weight_decay"] else 0.0
-    return not (group.get("maximize", False) or weight_decay or bucket.scaled)
-
-
-def _move(bucket: Bucket, direction: list[Tensor], coefficient: float) -> None:
-    """``w += ρ · coefficient · direction`` (times ``T_w`` for ASAM, applied after normalising so that the
-    intermediate ``T_w² g`` cannot overflow)."""
-    rho = bucket.group["sam_rho"]
-    if bucket.scale is None:
-        torch._foreach_add_(bucket.params, direction, alpha=rho * coefficient)
-        return
-    unit = torch._foreach_mul(direction, coefficient)
-    torch._foreach_mul_(unit, bucket.scale)
-    torch._foreach_add_(bucket.params, unit, alpha=rho)
+def _split_for_subset(params: Any, base_optimizer: Any, perturbation: Perturbation, model: nn.Module | None) -> Any:
+    """``params`` as groups split by the perturbation's :class:`~sharpness.optim.ascent.ParameterSubset`."""
+    if perturbation.subset.perturb == "all":
+        return params
+    if isinstance(base_optimizer, Optimizer) or params is None:
+        raise ValueError(
+            "SAM: a ParameterSubset cannot split the groups of an already-built base optimizer; build that optimizer "
+            "on sharpness.optim.perturb_subset(model, ...) groups instead"
+        )
+    items = [params] if isinstance(params, Tensor) else list(params)
+    if any(isinstance(item, tuple) for item in items):
+        raise ValueError(
+            "SAM: a ParameterSubset needs model.parameters() or parameter groups, not named_parameters() "
+            "(it selects by the model's names itself)"
+        )
+    groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+    return perturbation.subset.split(model, groups)
 
 
 def _param_ids(params: Iterable[Any]) -> set[int]:
