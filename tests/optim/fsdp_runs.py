@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from sharpness import AESAM, SAM, LookSAM
+from sharpness import AESAM, MSAM, SAM, AELookSAM, LookSAM
 
 STEPS = 5
 BASE = dict(lr=0.05, momentum=0.9)
@@ -25,6 +25,8 @@ PRESETS: dict[str, Callable[..., SAM]] = {
     "asam": lambda ps: SAM(ps, torch.optim.Adam, rho=0.5, adaptive=True, lr=0.01),
     "aesam": lambda ps: AESAM(ps, torch.optim.SGD, total_steps=STEPS, **BASE),
     "looksam": lambda ps: LookSAM(ps, torch.optim.SGD, k=2, alpha=0.5, **BASE),
+    "aelooksam": lambda ps: AELookSAM(ps, torch.optim.SGD, total_steps=STEPS, alpha=0.5, **BASE),
+    "msam": lambda ps: MSAM(ps, torch.optim.SGD, rho=0.3, **BASE),
 }
 
 
@@ -66,7 +68,7 @@ def scenario_presets(rank: int, world_size: int) -> dict[str, Any]:
         net = sharded_model(mesh)
         opt = build(net.parameters())
         train(net, opt, rank, world_size)
-        out[name] = {"params": full_parameters(net), "steps": (opt.steps, opt.sam_steps)}
+        out[name] = {"params": full_parameters(net), "steps": (opt.steps, getattr(opt, "sam_steps", None))}
     return out
 
 

@@ -1,5 +1,6 @@
 """SAM on FSDP2 (``fully_shard``, DTensor parameters): 2 spawned ranks (gloo, CPU, float64), each fed its half of
-every batch, equal single-process SAM on the whole batch to 1e-10, for SAM (p = 2 and ∞), ASAM, AE-SAM, LookSAM."""
+every batch, equal single-process SAM on the whole batch to 1e-10, for SAM (p = 2 and ∞), ASAM, AE-SAM, LookSAM,
+AE-LookSAM and MSAM (each against the same optimizer in one process)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def test_sharded_sam_equals_single_process_sam(ranks, preset: str) -> None:
     train(net, opt, rank=0, world_size=1)
     for rank in ranks:
         torch.testing.assert_close(rank["presets"][preset]["params"], full_parameters(net), rtol=1e-10, atol=1e-10)
-        assert rank["presets"][preset]["steps"] == (opt.steps, opt.sam_steps)
+        assert rank["presets"][preset]["steps"] == (opt.steps, getattr(opt, "sam_steps", None))
     assert not torch.equal(full_parameters(net), full_parameters(model()))
 
 

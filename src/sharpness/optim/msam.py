@@ -18,7 +18,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from sharpness.checks import check_integer, check_real, is_integer, is_real
+from sharpness.optim.buckets import shard_reduce
 from sharpness.optim.perturbation import all_finite
+from sharpness.optim.sharding import is_sharded
 from sharpness.optim.snapshot import TensorSnapshot
 
 NORM_EPS = 1e-12
@@ -45,7 +47,9 @@ class MSAM(Optimizer):
         v_{t+1} = μ v_t + g_t;  w_{t+1} = w_t − η v_{t+1}            (the base step: SGD with momentum)
         w̃_{t+1} = w_{t+1} − ρ_{t+1} v_{t+1} / ||v_{t+1}||              (perturb for the next step)
 
-    ``||v||`` is the L2 norm over all parameters (all groups) with a momentum, ``ρ`` may differ per group.
+    ``||v||`` is the L2 norm over all parameters (all groups) with a momentum, ``ρ`` may differ per group. On a
+    model sharded with FSDP2 (``fully_shard``) each rank moves its shards and ``||v||`` is reduced over the ranks
+    (one scalar all-reduce per step): the steps equal a single process's on the whole batch (tested).
 
     Sign convention, verified against the official ``optimizer/msam.py`` (commit 780fa4f): after the update it
     calls ``param.sub_(buf, alpha=rho / (||buf|| + 1e-12))``, i.e. ``w̃ = w − ρ v/(||v|| + 1e-12)``, and undoes it
@@ -134,6 +138,7 @@ class MSAM(Optimizer):
         self.state = self.base_optimizer.state
         if issubclass(base_class, torch.optim.SGD) and any(g["momentum"] <= 0 for g in self.param_groups):
             raise ValueError("MSAM: the SGD base needs momentum > 0 (MSAM perturbs along it); pass e.g. momentum=0.9")
+        self._shard = shard_reduce(self.param_groups)  # FSDP2: ||v|| and finiteness reduced over the ranks
         self.steps = 0
         self.total_steps: int | None = None
         self._snapshot = TensorSnapshot()
@@ -190,8 +195,8 @@ class MSAM(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not all_finite(grads):
+        grads = [_local(p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not all_finite(grads, self._shard):
             return loss
         self.move_to_unperturbed()
         self.base_optimizer.step()
@@ -221,6 +226,8 @@ class MSAM(Optimizer):
         if not directions:
             return
         norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(directions))))
+        if self._shard is not None:  # this rank's shards only: combine the ranks' norms
+            norm = self._shard.norm(norm, 2.0)
         scale = self.warmup_factor() / (norm + NORM_EPS)
         params = [p for _, pairs in groups for p, _ in pairs]
         self._snapshot.save(params)
@@ -272,7 +279,7 @@ class MSAM(Optimizer):
             state = self.state.get(p)
             v = state.get(self.momentum_key) if state else None
             if v is not None:
-                pairs.append((p, v))
+                pairs.append((_local(p), _local(v)))
         return pairs
 
     def _touched(self) -> bool:
@@ -349,3 +356,8 @@ def _check_warmup(value: Any) -> int | float:
     raise ValueError(
         f"MSAM: rho_warmup must be an int number of steps >= 0 or a float fraction of the run in [0, 1], got {value!r}"
     )
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """The tensor MSAM computes on: a sharded (FSDP2 ``DTensor``) tensor's local shard, which aliases its storage."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
