@@ -40,6 +40,7 @@ def load_example() -> types.ModuleType:
 example = load_example()
 
 STEPS = 6
+ACCUMULATE = 2  # accumulate_grad_batches of the DDP runs with accumulation (STEPS // 2 optimizer steps)
 BASE = dict(lr=0.1, momentum=0.9)
 PRESETS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sam": lambda ps, **kw: sharpness.SAM(ps, torch.optim.SGD, rho=0.05, **BASE, **kw),
@@ -56,11 +57,13 @@ class PresetClassifier(example.Classifier):
     def __init__(self, preset: str) -> None:
         super().__init__()
         self.preset = preset
+        self.training_steps = 0  # calls of training_step
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return PRESETS[self.preset](self.parameters())
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.training_steps += 1
         if self.preset == "sgd":  # the guide's training_step asks SAM whether it is perturbed
             return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
         return super().training_step(batch, batch_idx)
@@ -71,11 +74,11 @@ def seeded_module(preset: str = "sam") -> PresetClassifier:
     return PresetClassifier(preset)
 
 
-def data(world_size: int = 1, dtype: torch.dtype = torch.float32) -> TensorDataset:
-    """``STEPS`` global batches of ``8 * world_size`` rows; odd rows' inputs are 10x larger, so that under DDP
+def data(world_size: int = 1, dtype: torch.dtype = torch.float32, batches: int = STEPS) -> TensorDataset:
+    """``batches`` global batches of ``8 * world_size`` rows; odd rows' inputs are 10x larger, so that under DDP
     (rank r's shard is rows r::2) the replicas' gradients differ."""
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(8 * world_size * STEPS, 10, generator=gen, dtype=dtype)
+    x = torch.randn(8 * world_size * batches, 10, generator=gen, dtype=dtype)
     x[1::2] *= 10.0
     return TensorDataset(x, torch.randint(0, 3, (len(x),), generator=gen))
 
@@ -130,12 +133,15 @@ class Recorder(Callback):
 
 # ----------------------------------------------------------------------------- DDP (run on every rank)
 
-DDP_RUNS = {  # name: (preset, SAMCallback's epsilon_from or None for no callback, precision)
-    "sam": ("sam", "replica", "64-true"),
-    "sam_global": ("sam", "global", "64-true"),
-    "sam_fp16": ("sam", "replica", "16-mixed"),
-    "aesam": ("aesam", "replica", "64-true"),
-    "sgd": ("sgd", None, "64-true"),
+DDP_RUNS = {  # name: (preset, SAMCallback's epsilon_from or None for no callback, precision, accumulate_grad_batches)
+    "sam": ("sam", "replica", "64-true", 1),
+    "sam_global": ("sam", "global", "64-true", 1),
+    "sam_fp16": ("sam", "replica", "16-mixed", 1),
+    "aesam": ("aesam", "replica", "64-true", 1),
+    "sgd": ("sgd", None, "64-true", 1),
+    "sam_accumulate": ("sam", "replica", "64-true", ACCUMULATE),
+    "sam_global_accumulate": ("sam", "global", "64-true", ACCUMULATE),
+    "sam_fp16_accumulate": ("sam", "replica", "16-mixed", ACCUMULATE),
 }
 
 
@@ -144,14 +150,14 @@ def scenario_ddp(rank: int, world_size: int) -> dict[str, Any]:
     nothing), for each of :data:`DDP_RUNS`: final weights, gradient all-reduces and policy decisions."""
     os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world_size))
     out = {}
-    for name, (preset, epsilon_from, precision) in DDP_RUNS.items():
+    for name, (preset, epsilon_from, precision, accumulate) in DDP_RUNS.items():
         recorder = Recorder()
         sam = [SAMCallback(epsilon_from)] if epsilon_from is not None else []
         trainer = L.Trainer(
             accelerator="cpu", devices=world_size, max_epochs=1, callbacks=[recorder, *sam],
             strategy=DDPStrategy(process_group_backend="gloo", timeout=datetime.timedelta(seconds=60)),
             default_root_dir=os.environ.get("TMPDIR", "/tmp"), use_distributed_sampler=False,
-            **precision_options(precision), **QUIET,
+            accumulate_grad_batches=accumulate, **precision_options(precision), **QUIET,
         )  # fmt: skip
         module = seeded_module(preset)
         x, y = data(world_size, torch.float64 if precision == "64-true" else torch.float32).tensors
