@@ -81,7 +81,27 @@ def test_a_resumed_run_shows_each_epoch_once(tmp_path: Path) -> None:
     resumed = trainer([MetricsLogger(tmp_path), Checkpointer(tmp_path, every=2)])
     resumed.load_state_dict(load_checkpoint(tmp_path))
     resumed.fit()
-    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert_tensorboard_matches_jsonl(tmp_path)
+
+
+def test_a_stale_event_file_named_after_the_new_one_is_not_shown(tmp_path: Path) -> None:
+    """TensorBoard reads event files in name order; two opened in the same second can sort either way (the
+    suite once saw the resumed run's epochs purged). A stale file that sorts last must not change what is shown."""
+    crashed = trainer([MetricsLogger(tmp_path), Checkpointer(tmp_path, every=2), CrashAfter(3)])
+    with pytest.raises(Crash):
+        crashed.fit()
+    from torch.utils.tensorboard import SummaryWriter
+
+    stale = SummaryWriter(str(tmp_path / "stale"))
+    for epoch in range(1, EPOCHS + 2):
+        stale.add_scalar("loss", -1.0, epoch)
+    stale.close()
+    (written,) = (tmp_path / "stale").glob("events.out.tfevents.*")
+    written.rename(tmp_path / "tensorboard" / "events.out.tfevents.9999999999.stale")  # sorts after any other
+    resumed = trainer([MetricsLogger(tmp_path), Checkpointer(tmp_path, every=2)])
+    resumed.load_state_dict(load_checkpoint(tmp_path))
+    resumed.fit()
     assert_tensorboard_matches_jsonl(tmp_path)
 
 

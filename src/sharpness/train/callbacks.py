@@ -49,10 +49,11 @@ class MetricsLogger(Callback):
     has exactly one row per epoch (the rows of epochs after the checkpoint are dropped).
 
     TensorBoard (``pip install "sharpness[tensorboard]"``): every numeric metric is a scalar of that name at step
-    = epoch, in ``run_dir/tensorboard`` (``tensorboard --logdir run_dir``). Each :meth:`Trainer.fit` opens a new
-    event file that purges the steps from the first epoch it trains on, so TensorBoard shows what the files show:
-    a resumed run hides the events that epochs after its checkpoint had logged, a run started afresh in the same
-    folder hides the earlier run's.
+    = epoch, in ``run_dir/tensorboard`` (``tensorboard --logdir run_dir``). Like the two files, the event file is
+    rewritten from the trainer's history at the start of each :meth:`Trainer.fit` (earlier event files removed),
+    so TensorBoard shows what the files show: a resumed run drops the events that epochs after its checkpoint had
+    logged, a run started afresh in the same folder replaces the earlier run's. (TensorBoard's own ``purge_step``
+    would depend on the order of the event files' names, which is wrong for two files opened in the same second.)
     """
 
     def __init__(self, run_dir: str | Path, *, tensorboard: bool = True) -> None:
@@ -81,13 +82,20 @@ class MetricsLogger(Callback):
             except ImportError:  # tensorboard is optional
                 self.tensorboard = False
             else:
-                log_dir = str(self.run_dir / "tensorboard")
-                self._writer = SummaryWriter(log_dir=log_dir, purge_step=trainer.state.epoch + 1)
+                log_dir = self.run_dir / "tensorboard"
+                for stale in log_dir.glob("events.out.tfevents.*"):
+                    stale.unlink()
+                self._writer = SummaryWriter(log_dir=str(log_dir))
+                for record in trainer.state.history:
+                    self._add_scalars(record)
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         with self.jsonl_path.open("a") as handle:
             handle.write(to_json(record) + "\n")
         self._write_csv(trainer.state.history)
+        self._add_scalars(record)
+
+    def _add_scalars(self, record: dict[str, Any]) -> None:
         if self._writer is not None:
             for key, value in record.items():
                 if isinstance(value, int | float) and key != "epoch":
