@@ -42,7 +42,7 @@ Seconds are the process's CPU seconds (``time.process_time``) with one torch thr
    column): the same random vectors, the same value up to rounding; both timed.
 4. **Trace and density**: PyHessian's Hutchinson (stops when the running mean changes by < 1e-3) against ours with
    the same number of probes (which also reports a standard error) and Hutch++ (99 products); PyHessian's
-   ``density(iter=100, n_v=1)`` against our ``spectral_density(num_vectors=1, lanczos_steps=100)`` (SLQ), with
+   ``density(iter=100, n_v=1)`` against our ``spectral_density(num_probes=1, num_matvecs_per_probe=100)`` (SLQ), with
    the extreme quadrature nodes against the reference λ_max and λ_min as a check. PyHessian's ``density`` calls
    ``torch.eig``, removed from torch; a shim with ``torch.linalg.eigh`` (its matrix is symmetric tridiagonal)
    stands in while it runs. Cost of one HVP per backend: double backward with and without the cached graph,
@@ -142,7 +142,7 @@ def reference_spectrum(model: torch.nn.Module, batch) -> dict[str, Any]:
     """The 5 largest and 5 smallest eigenvalues in float64 (block 5, tol 1e-10), and the 5 largest in magnitude."""
     model64 = copy.deepcopy(model).double()
     op = HessianOperator(model64, F.cross_entropy, (batch[0].double(), batch[1]))
-    ends = {which: top_eigenvalues(op, k=5, which=which, tol=1e-10, max_iter=600, block_size=5) for which in WHICH}
+    ends = {which: top_eigenvalues(op, k=5, which=which, tol=1e-10, num_matvecs=600, block_size=5) for which in WHICH}
     for which, result in ends.items():
         if not bool(result.converged.all()):
             warnings.warn(f"reference: the {which} 5 eigenvalues did not all converge", stacklevel=2)
@@ -228,7 +228,7 @@ def pyhessian_trace(model, batch, seed: int) -> dict[str, Any]:
 
 def ours_trace(model, batch, seed: int, samples: int) -> dict[str, Any]:
     op = HessianOperator(model, F.cross_entropy, batch)
-    estimate = hutchinson_trace(op, num_samples=samples, generator=torch.Generator().manual_seed(seed))
+    estimate = hutchinson_trace(op, num_matvecs=samples, generator=torch.Generator().manual_seed(seed))
     return {"value": estimate.value, "stderr": estimate.stderr, "hvps": estimate.num_matvecs}
 
 
@@ -318,7 +318,7 @@ def ours_top5(block_size: int) -> Callable[..., dict[str, Any]]:
     def run(model, batch, seed: int, tol: float) -> dict[str, Any]:
         op = HessianOperator(model, F.cross_entropy, batch)
         generator = torch.Generator().manual_seed(seed)
-        result = top_eigenvalues(op, k=5, tol=tol, max_iter=300, block_size=block_size, generator=generator)
+        result = top_eigenvalues(op, k=5, tol=tol, num_matvecs=300, block_size=block_size, generator=generator)
         converged = bool(result.converged.all())
         return {"values": result.eigenvalues.tolist(), "hvps": result.num_matvecs, "converged": converged}
 
@@ -589,7 +589,7 @@ def pyhessian_density(model, batch, seed: int) -> dict[str, Any]:
 def ours_density(model, batch, seed: int) -> dict[str, Any]:
     op = HessianOperator(model, F.cross_entropy, batch)
     generator = torch.Generator().manual_seed(seed)
-    density = spectral_density(op, num_vectors=SLQ_VECTORS, lanczos_steps=SLQ_STEPS, generator=generator)
+    density = spectral_density(op, num_probes=SLQ_VECTORS, num_matvecs_per_probe=SLQ_STEPS, generator=generator)
     nodes = density.nodes
     return {"hvps": density.num_matvecs, "top_node": float(nodes.max()), "bottom_node": float(nodes.min())}
 

@@ -277,14 +277,14 @@ def _alignment(s: Any) -> float:
 
 CALLS: dict[str, Callable[[Any], Any]] = {
     "top_eigenvalues": lambda s: top_eigenvalues(
-        _operator(), s.i(2), max_iter=s.i(12), tol=s.f(2**-30), check_every=s.i(2)
+        _operator(), s.i(2), num_matvecs=s.i(12), tol=s.f(2**-30), check_every=s.i(2)
     ),
-    "power_iteration": lambda s: power_iteration(_operator(), max_iter=s.i(20), tol=s.f(2**-20)),
+    "power_iteration": lambda s: power_iteration(_operator(), num_matvecs=s.i(20), tol=s.f(2**-20)),
     "hutchinson_trace": lambda s: hutchinson_trace(_operator(), s.i(4)),
     "hutchpp_trace": lambda s: hutchpp_trace(_operator(), s.i(9)),
     "frobenius_norm": lambda s: frobenius_norm(_operator(), s.i(4)),
     "spectral_density": lambda s: spectral_density(
-        _operator(), num_vectors=s.i(2), lanczos_steps=s.i(6), grid=s.i(64), sigma=s.f(0.25)
+        _operator(), num_probes=s.i(2), num_matvecs_per_probe=s.i(6), grid=s.i(64), sigma=s.f(0.25)
     ),
     "CallableOperator": lambda s: CallableOperator(lambda v: 2 * v, s.i(5)).dim,
     "gd_edge": lambda s: gd_edge(s.f(0.5)),
@@ -296,7 +296,7 @@ CALLS: dict[str, Callable[[Any], Any]] = {
         _net(), F.mse_loss, _batch(), s.f(0.125), adaptive=True, eta=s.f(0.5), steps=s.i(3), step_size=s.f(0.25)
     ),
     "average_case_sharpness": lambda s: average_case_sharpness(
-        _net(), F.mse_loss, _batch(), s.f(0.125), num_samples=s.i(3), eta=s.f(0.0)
+        _net(), F.mse_loss, _batch(), s.f(0.125), num_probes=s.i(3), eta=s.f(0.0)
     ),
     "m_sharpness": lambda s: m_sharpness(_net(), F.mse_loss, *_batch(), s.i(4), s.f(0.125), steps=s.i(2)),
     "SharpnessTracker": lambda s: vars(SharpnessTracker(s.i(5), measure_size=s.i(64))),

@@ -7,6 +7,7 @@ import json
 import math
 import shlex
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,7 @@ def test_measure_matches_the_dense_hessian_of_the_output_layer(
     run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "block"
-    result = _measure_cli(run, out, "--what", "eig,trace,frobenius,density", "--params", BLOCK, "--samples", "60")
+    result = _measure_cli(run, out, "--what", "eig,trace,frobenius,density", "--params", BLOCK, "--trace-matvecs", "60")
     printed = capsys.readouterr().out
     hessian = _dense_block_hessian(run, BLOCK)
     exact = torch.linalg.eigvalsh(hessian).flip(0)  # largest first
@@ -147,7 +148,7 @@ def test_checkpoint_path_default_out_and_python_api(run: Path, tmp_path: Path) -
 
 def test_sharpness_measurements(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("sharpness.curvature.rho_sharpness")
-    flags = ["--what", "sharpness", "--m", "16", "--sharpness-steps", "5", "--sharpness-samples", "5"]
+    flags = ["--what", "sharpness", "--m", "16", "--sharpness-steps", "5", "--sharpness-probes", "5"]
     result = _measure_cli(run, tmp_path, *flags)
     printed = capsys.readouterr().out
     sharp = result["sharpness"]
@@ -193,7 +194,7 @@ def test_an_earlier_measurement_is_not_overwritten_without_force(
     run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "m"
-    flags = ["--what", "trace", "--samples", "3"]
+    flags = ["--what", "trace", "--trace-matvecs", "3"]
     _measure_cli(run, out, *flags)
     first = (out / "measure.json").read_bytes()
     err = _error(["measure", str(run), *flags, "--out", str(out)], capsys)
@@ -206,14 +207,14 @@ def test_an_earlier_measurement_is_not_overwritten_without_force(
     ("flags", "message"),
     [
         (["--measure-size", "0"], "measure_size must be an integer >= 1"),
-        (["--samples", "2"], "samples must be an integer >= 3"),
+        (["--trace-matvecs", "2"], "trace_matvecs must be an integer >= 3"),
         (["--top-k", "0"], "top_k must be an integer >= 1"),
-        (["--top-k", "2000000", "--max-iter", "2000000"], "top_k = 2000000 exceeds"),
+        (["--top-k", "2000000", "--eig-matvecs", "2000000"], "top_k = 2000000 exceeds"),
         (["--rho", "-0.1"], "rho must be a finite number > 0"),
         (["--rho", "nan"], "rho must be a finite number > 0"),
         (["--m", "0"], "m must be an integer >= 1"),
         (["--seed", "-1"], "seed must be an integer >= 0"),
-        (["--max-iter", "3", "--top-k", "5"], "max_iter must be >= top_k"),
+        (["--eig-matvecs", "3", "--top-k", "5"], "eig_matvecs must be >= top_k"),
         (["--params", "nolayer"], "matches no trainable parameter"),
         (["--threads", "0"], "threads must be an integer >= 1"),
     ],
@@ -249,3 +250,44 @@ def test_every_measurement_name_has_an_estimator() -> None:
     from sharpness.experiments.measure import DEFAULT_WHAT, ESTIMATORS
 
     assert tuple(ESTIMATORS) == WHAT and set(DEFAULT_WHAT) <= set(WHAT)
+
+
+OLD_COUNTS = {"samples": 3, "max_iter": 6, "density_vectors": 2, "density_steps": 5, "sharpness_samples": 2}
+NEW_COUNTS = {"trace_matvecs": 3, "eig_matvecs": 6, "density_probes": 2, "density_matvecs_per_probe": 5,
+              "sharpness_probes": 2}  # fmt: skip
+
+
+def _numbers(result: dict) -> dict:
+    """``result`` without what may differ between two identical measurements: timings and paths."""
+    if isinstance(result, dict):
+        return {k: _numbers(v) for k, v in result.items() if k not in ("seconds", "files", "checkpoint", "run_dir")}
+    return result
+
+
+def test_old_count_names_measure_the_same_and_warn(run: Path, tmp_path: Path, capsys) -> None:
+    """The counts' old names (docs/curvature.md, "Counts"): as arguments and as flags, the same ``measure.json``
+    bit for bit; the new names raise no DeprecationWarning anywhere in the package's code paths."""
+    common = {"what": "all", "measure_size": 32, "top_k": 2, "m": 16, "sharpness_steps": 2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        new = measure(run, **common, **NEW_COUNTS, out=tmp_path / "new")
+    with pytest.warns(DeprecationWarning, match="measure's argument .* is deprecated") as record:
+        old = measure(run, **common, **OLD_COUNTS, out=tmp_path / "old")
+    assert sorted(str(w.message).split("'s argument ")[1].split()[0] for w in record) == sorted(OLD_COUNTS)
+    assert _numbers(old) == _numbers(new)
+    assert new["settings"]["samples"] == 3 and new["settings"]["max_iter"] == 6  # measure.json keeps its keys
+    assert new["density"]["num_vectors"] == 2 and new["density"]["lanczos_steps"] == 5
+    assert new["trace"]["hutchinson"]["num_samples"] == new["trace"]["hutchinson"]["hvps"] == 3
+    with pytest.raises(TypeError, match="got both 'samples' and 'trace_matvecs'"):
+        measure(run, "trace", samples=3, trace_matvecs=3, check_only=True)
+    capsys.readouterr()
+    flags = ["--what", "trace,density", "--top-k", "2"]
+    by_new = _measure_cli(run, tmp_path / "cli-new", *flags, "--trace-matvecs", "3", "--density-probes", "2")
+    assert capsys.readouterr().err == ""
+    by_old = _measure_cli(run, tmp_path / "cli-old", *flags, "--samples", "3", "--density-vectors", "2")
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "sharpness: --samples is deprecated and will be removed in the next release; use --trace-matvecs",
+        "sharpness: --density-vectors is deprecated and will be removed in the next release; use --density-probes",
+    ]
+    assert _numbers(by_old) == _numbers(by_new)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sharpness import __version__
+from sharpness._deprecation import DeprecatedFlag
 from sharpness.data import DATASETS
 from sharpness.experiments.compare import RUNS_DIR, check_compare, compare, format_table, plan_runs, run_label
 from sharpness.experiments.config import DEFAULT_MODELS, ConfigError, RunConfig, build_config, read_toml
@@ -126,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: ``measure`` flags renamed to the counts' vocabulary (``docs/curvature.md``, "Counts"): old → new.
+RENAMED_MEASURE_FLAGS = {
+    "--samples": "--trace-matvecs",
+    "--max-iter": "--eig-matvecs",
+    "--density-vectors": "--density-probes",
+    "--density-steps": "--density-matvecs-per-probe",
+    "--sharpness-samples": "--sharpness-probes",
+}
+
+
 def _measure_flags(commands: Any) -> None:
     """The ``measure`` subcommand; its defaults are those of :func:`sharpness.experiments.measure.measure`."""
     meas = commands.add_parser(
@@ -147,17 +158,21 @@ def _measure_flags(commands: Any) -> None:
     add("--backend", "Hessian-vector products", choices=("double_backward", "forward_over_reverse"))
     add("--seed", "seed of the estimators' random vectors", type=int)
     add("--top-k", "top eigenvalues (λ1/λ5 needs 5)", type=int)
-    add("--samples", "products per trace (Hutch++, Hutchinson) and Frobenius estimate", type=int)
+    add("--trace-matvecs", "Hessian-vector products per trace (Hutch++, Hutchinson) and Frobenius estimate", type=int)
     add("--rho", "sharpness radius (default: the run's rho, or 0.05)", type=float)
     add("--m", "m-sharpness batch size", type=int)
     add("--adaptive", "adaptive ρ-sharpness (default: on for asam runs)", action=argparse.BooleanOptionalAction)
     add("--params", "comma list of parameter names or prefixes to measure (default: all)", type=_names)
-    add("--max-iter", "Lanczos steps cap for eig", type=int)
+    add("--eig-matvecs", "most Hessian-vector products (Lanczos steps) for eig", type=int)
     add("--tol", "Lanczos relative residual tolerance for eig", type=float)
-    add("--density-vectors", "SLQ start vectors", type=int)
-    add("--density-steps", "SLQ Lanczos steps per vector", type=int)
+    add("--density-probes", "SLQ random start vectors", type=int)
+    add("--density-matvecs-per-probe", "SLQ Lanczos steps (products) per start vector", type=int)
     add("--sharpness-steps", "worst-case ascent steps", type=int)
-    add("--sharpness-samples", "average-case random draws", type=int)
+    add("--sharpness-probes", "average-case random perturbations", type=int)
+    for old, new in RENAMED_MEASURE_FLAGS.items():  # the old spellings, for one release: hidden, with a note
+        dest = new.lstrip("-").replace("-", "_")
+        meas.add_argument(old, dest=dest, new=new, action=DeprecatedFlag, type=int, default=argparse.SUPPRESS,
+                          help=argparse.SUPPRESS)  # fmt: skip
     add("--device", "cpu or cuda[:N] (default: the run's)")
     add("--threads", "torch CPU threads (default: torch's own choice)", type=int)
     add("--out", "output folder (default: RUN_DIR/measure)", type=Path)

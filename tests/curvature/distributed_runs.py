@@ -43,7 +43,7 @@ def part(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def measure(op: HessianOperator) -> dict[str, Any]:
     """Every estimator's result on ``op`` (the default, seeded generators: the same random vectors everywhere)."""
     loss, gradient = op.loss_and_gradient()
-    density = spectral_density(op, num_vectors=2, lanczos_steps=8, grid=400)
+    density = spectral_density(op, num_probes=2, num_matvecs_per_probe=8, grid=400)
     return {
         "eigenvalues": top_eigenvalues(op, k=2, tol=1e-10).eigenvalues,
         "trace": hutchinson_trace(op, 20).value,

@@ -37,7 +37,7 @@ def clusters():
 def slq(clusters):
     _, a = clusters
     op = DenseOperator(a)
-    return spectral_density(op, num_vectors=10, lanczos_steps=40), op
+    return spectral_density(op, num_probes=10, num_matvecs_per_probe=40), op
 
 
 def test_shapes_and_matvec_count(slq):
@@ -96,7 +96,9 @@ def test_quadrature_trace_matches_hutchinson_with_the_same_probes(clusters):
     # Gauss quadrature with m nodes is exact for polynomials of degree < 2m, so with the same Rademacher
     # probes the SLQ estimates of tr(A) and tr(A²) equal Hutchinson's and the Frobenius estimator's.
     lam, a = clusters
-    d = spectral_density(DenseOperator(a), num_vectors=8, lanczos_steps=10, generator=torch.Generator().manual_seed(5))
+    d = spectral_density(
+        DenseOperator(a), num_probes=8, num_matvecs_per_probe=10, generator=torch.Generator().manual_seed(5)
+    )
     h = hutchinson_trace(DenseOperator(a), 8, generator=torch.Generator().manual_seed(5))
     f = frobenius_norm(DenseOperator(a), 8, generator=torch.Generator().manual_seed(5))
     assert d.trace(lambda x: x) == pytest.approx(h.value, rel=1e-10)
@@ -106,7 +108,7 @@ def test_quadrature_trace_matches_hutchinson_with_the_same_probes(clusters):
 
 def test_invariant_subspace_gives_exact_nodes_and_padding():
     lam = [2.0] * 20 + [0.5] * 40 + [-1.0] * 20
-    d = spectral_density(DenseOperator(known_spectrum(lam, seed=7)), num_vectors=4, lanczos_steps=30)
+    d = spectral_density(DenseOperator(known_spectrum(lam, seed=7)), num_probes=4, num_matvecs_per_probe=30)
     assert d.num_matvecs == 4 * 3  # each run stops after 3 steps: the Krylov space is exhausted
     torch.testing.assert_close(d.nodes[:, :3], torch.tensor([[-1.0, 0.5, 2.0]] * 4, dtype=F64), rtol=0, atol=1e-12)
     assert (d.weights[:, 3:] == 0).all() and (d.nodes[:, 3:] == d.nodes[:, 2:3]).all()
@@ -127,7 +129,7 @@ def test_lockstep_recurrences_equal_one_probe_at_a_time(clusters, slq, probes_pe
         return a @ v
 
     op = CallableOperator(lambda v: a @ v, a.shape[0], dtype=F64, matmat=block_product)
-    chunked = spectral_density(op, num_vectors=10, lanczos_steps=40, probes_per_block=probes_per_block)
+    chunked = spectral_density(op, num_probes=10, num_matvecs_per_probe=40, probes_per_block=probes_per_block)
     assert chunked.num_matvecs == op.num_matvecs == d.num_matvecs == 400
     sizes = [len(c) for c in torch.arange(10).split(probes_per_block)]
     assert blocks == [size for size in sizes for _ in range(40)]  # one block product per Lanczos step
@@ -159,7 +161,7 @@ def test_a_probe_that_stops_early_leaves_the_block():
 def test_explicit_grid_and_sigma(clusters):
     _, a = clusters
     grid = torch.linspace(-6.0, 10.0, 4001, dtype=F64)
-    d = spectral_density(DenseOperator(a), num_vectors=3, lanczos_steps=20, grid=grid, sigma=0.05)
+    d = spectral_density(DenseOperator(a), num_probes=3, num_matvecs_per_probe=20, grid=grid, sigma=0.05)
     assert torch.equal(d.grid, grid) and d.sigma == 0.05
     assert float(torch.trapezoid(d.density, d.grid)) == pytest.approx(1.0, abs=1e-3)
 
@@ -167,12 +169,14 @@ def test_explicit_grid_and_sigma(clusters):
 def test_coarse_grid_warns(clusters):
     _, a = clusters
     with pytest.warns(UserWarning, match="grid spacing"):
-        spectral_density(DenseOperator(a), num_vectors=1, lanczos_steps=5, grid=20)
+        spectral_density(DenseOperator(a), num_probes=1, num_matvecs_per_probe=5, grid=20)
 
 
 def test_steps_capped_at_dimension_and_float32():
     lam = torch.linspace(-1.0, 1.0, 12, dtype=F64)
-    d = spectral_density(DenseOperator(known_spectrum(lam, dtype=torch.float32)), num_vectors=2, lanczos_steps=50)
+    d = spectral_density(
+        DenseOperator(known_spectrum(lam, dtype=torch.float32)), num_probes=2, num_matvecs_per_probe=50
+    )
     assert d.nodes.shape == (2, 12) and d.density.dtype == torch.float32
     torch.testing.assert_close(d.nodes[0], lam.float(), rtol=0, atol=1e-5)
     assert float(torch.trapezoid(d.density, d.grid)) == pytest.approx(1.0, abs=1e-3)
@@ -182,7 +186,7 @@ def test_same_seed_same_density_and_global_rng_untouched(clusters):
     _, a = clusters
     torch.manual_seed(5)
     state = torch.get_rng_state()
-    kw = {"num_vectors": 3, "lanczos_steps": 15}
+    kw = {"num_probes": 3, "num_matvecs_per_probe": 15}
     d1 = spectral_density(DenseOperator(a), generator=torch.Generator().manual_seed(4), **kw)
     d2 = spectral_density(DenseOperator(a), generator=torch.Generator().manual_seed(4), **kw)
     d3 = spectral_density(DenseOperator(a), generator=torch.Generator().manual_seed(5), **kw)
@@ -197,8 +201,8 @@ def test_same_seed_same_density_and_global_rng_untouched(clusters):
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        ({"num_vectors": 0}, "num_vectors"),
-        ({"lanczos_steps": 0}, "lanczos_steps"),
+        ({"num_probes": 0}, "num_probes"),
+        ({"num_matvecs_per_probe": 0}, "num_matvecs_per_probe"),
         ({"grid": 1}, "grid"),
         ({"grid": torch.ones(3, 3)}, "grid"),
         ({"grid": torch.tensor([1.0, 0.0, 2.0])}, "grid"),

@@ -87,7 +87,7 @@ def test_lanczos_matches_known_spectrum(mixed, k, which, block):
     true_res = torch.linalg.vector_norm(res.eigenvectors @ a - res.eigenvalues[:, None] * res.eigenvectors, dim=1)
     torch.testing.assert_close(res.residuals, true_res, rtol=1e-6, atol=1e-12)
     assert res.num_matvecs == op.num_matvecs == res.iterations
-    assert res.num_matvecs <= 100  # the default max_iter: converged within it
+    assert res.num_matvecs <= 100  # the default num_matvecs: converged within it
 
 
 def test_smallest_finds_the_most_negative(mixed):
@@ -131,7 +131,7 @@ def test_invariant_subspace_stops_early_with_exact_values():
     lam = [3.0] * 40 + [1.0] * 50 + [-2.0] * 40  # only 3 distinct eigenvalues: the Krylov space has dimension 3
     a, _ = known_spectrum(lam, seed=2)
     op = DenseOperator(a)
-    res = top_eigenvalues(op, 1, tol=0.0)  # tol 0: only the invariant subspace can stop it before max_iter
+    res = top_eigenvalues(op, 1, tol=0.0)  # tol 0: only the invariant subspace can stop it before num_matvecs
     assert res.iterations == res.num_matvecs == 3
     assert abs(float(res.eigenvalues[0]) - 3.0) <= 1e-13
     assert bool(res.converged.all()) and float(res.residuals[0]) <= 1e-12
@@ -286,7 +286,7 @@ def test_lanczos_needs_far_fewer_matvecs_than_power_iteration_for_a_small_gap():
     lanczos_error = abs(float(lanczos.eigenvalues[0]) - 1.0)
     assert lanczos_error <= 1e-9
     # Ten times the products still leave power iteration far less accurate.
-    power = power_iteration(DenseOperator(a), max_iter=10 * lanczos.num_matvecs, tol=0.0)
+    power = power_iteration(DenseOperator(a), num_matvecs=10 * lanczos.num_matvecs, tol=0.0)
     assert power.num_matvecs == 10 * lanczos.num_matvecs
     assert abs(power.eigenvalue - 1.0) > 1e-6
     assert lanczos.num_matvecs <= 100
@@ -299,7 +299,7 @@ def test_power_iteration_finds_the_dominant_eigenvalue(dominant):
     a, q = known_spectrum(lam, seed=6)
     loose = power_iteration(DenseOperator(a))  # PyHessian's tol 1e-3
     assert loose.converged and abs(loose.eigenvalue - dominant) <= 1e-2 * abs(dominant)
-    tight = power_iteration(DenseOperator(a), tol=1e-12, max_iter=500)
+    tight = power_iteration(DenseOperator(a), tol=1e-12, num_matvecs=500)
     assert tight.converged and tight.num_matvecs < 500
     assert abs(tight.eigenvalue - dominant) <= 1e-8 * abs(dominant)
     assert abs(float(tight.eigenvector @ q[:, 0])) >= 1 - 1e-6
@@ -309,13 +309,13 @@ def test_power_iteration_finds_the_dominant_eigenvalue(dominant):
 def test_power_iteration_reports_non_convergence():
     lam = torch.cat([torch.tensor([1.0, 0.999], dtype=F64), torch.zeros(48, dtype=F64)])
     a, _ = known_spectrum(lam)
-    res = power_iteration(DenseOperator(a), max_iter=3, tol=1e-12)
+    res = power_iteration(DenseOperator(a), num_matvecs=3, tol=1e-12)
     assert not res.converged and res.num_matvecs == 3
 
 
 def test_unconverged_lanczos_says_so():
     a, _ = known_spectrum(mixed_spectrum(), seed=1)
-    res = top_eigenvalues(DenseOperator(a), 2, max_iter=4, tol=1e-12)
+    res = top_eigenvalues(DenseOperator(a), 2, num_matvecs=4, tol=1e-12)
     assert res.iterations == 4 and not bool(res.converged.all())
     assert (res.residuals > 0).all()
 
@@ -389,8 +389,8 @@ def test_bulk_ratio():
         ({"k": 31}, "k"),
         ({"k": 1.0}, "k"),
         ({"which": "top"}, "which"),
-        ({"max_iter": 0}, "max_iter"),
-        ({"k": 5, "max_iter": 4}, "max_iter"),
+        ({"num_matvecs": 0}, "num_matvecs"),
+        ({"k": 5, "num_matvecs": 4}, "num_matvecs"),
         ({"tol": -1e-3}, "tol"),
         ({"tol": float("nan")}, "tol"),
         ({"init": torch.ones(29, dtype=F64)}, "init"),
@@ -400,7 +400,7 @@ def test_bulk_ratio():
         ({"k": 3, "block_size": 0}, "block_size"),
         ({"k": 3, "block_size": 4}, "block_size"),
         ({"k": 3, "block_size": 1.0}, "block_size"),
-        ({"k": 5, "block_size": 2, "max_iter": 5}, "max_iter"),
+        ({"k": 5, "block_size": 2, "num_matvecs": 5}, "num_matvecs"),
     ],
 )
 def test_top_eigenvalues_rejects_bad_arguments(kwargs, name):
@@ -410,7 +410,7 @@ def test_top_eigenvalues_rejects_bad_arguments(kwargs, name):
 
 
 @pytest.mark.parametrize(
-    "kwargs, name", [({"max_iter": 0}, "max_iter"), ({"tol": -1.0}, "tol"), ({"init": torch.ones(3)}, "init")]
+    "kwargs, name", [({"num_matvecs": 0}, "num_matvecs"), ({"tol": -1.0}, "tol"), ({"init": torch.ones(3)}, "init")]
 )
 def test_power_iteration_rejects_bad_arguments(kwargs, name):
     a, _ = known_spectrum(torch.linspace(-1, 1, 30, dtype=F64))

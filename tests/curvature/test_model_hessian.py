@@ -50,16 +50,16 @@ def test_trace_and_frobenius_within_their_standard_errors(model_and_hessian) -> 
     model, data, dense = model_and_hessian
     op = HessianOperator(model, F.cross_entropy, data)
     gen = torch.Generator().manual_seed(0)
-    trace = hutchinson_trace(op, num_samples=60, generator=gen)
+    trace = hutchinson_trace(op, num_matvecs=60, generator=gen)
     assert abs(trace.value - dense.trace().item()) <= 4 * trace.stderr
-    frob = frobenius_norm(op, num_samples=60, generator=gen)
+    frob = frobenius_norm(op, num_matvecs=60, generator=gen)
     assert abs(frob.value - torch.linalg.matrix_norm(dense).item()) <= 4 * frob.stderr
 
 
 def test_density_integrates_to_one_and_sits_on_the_spectrum(model_and_hessian) -> None:
     model, data, dense = model_and_hessian
     op = HessianOperator(model, F.cross_entropy, data)
-    density = spectral_density(op, num_vectors=4, lanczos_steps=30)
+    density = spectral_density(op, num_probes=4, num_matvecs_per_probe=30)
     grid, values = density.grid, density.density
     assert torch.trapezoid(values, grid).item() == pytest.approx(1.0, abs=1e-3)
     true = torch.linalg.eigvalsh(dense)

@@ -103,7 +103,7 @@ def test_at_a_minimum_worst_exceeds_average_exceeds_zero_and_both_match_the_quad
     rho = 0.3
     eigenvalues = torch.linalg.eigvalsh(hessian)
     worst = worst_case_sharpness(model, F.mse_loss, (x, y), rho)
-    average = average_case_sharpness(model, F.mse_loss, (x, y), rho, num_samples=200)
+    average = average_case_sharpness(model, F.mse_loss, (x, y), rho, num_probes=200)
     assert isinstance(worst, SharpnessEstimate) and worst.kind == "worst" and average.kind == "average"
     assert worst.value >= average.value >= 0.0
     # L(w+δ) − L(w) = ½ δᵀHδ at the minimiser: the worst case is ½ρ²λ_max, the mean ½(ρ²/d) tr(H)
@@ -114,7 +114,7 @@ def test_at_a_minimum_worst_exceeds_average_exceeds_zero_and_both_match_the_quad
     expected_average = 0.5 * rho**2 / 4 * float(eigenvalues.sum())
     assert abs(average.value - expected_average) < 4 * average.stderr
     assert average.perturbation_norm == pytest.approx(rho, rel=0.1)  # sqrt(mean ||z||²) ≈ ρ
-    sphere = average_case_sharpness(model, F.mse_loss, (x, y), rho, num_samples=200, distribution="sphere")
+    sphere = average_case_sharpness(model, F.mse_loss, (x, y), rho, num_probes=200, distribution="sphere")
     assert sphere.perturbation_norm == pytest.approx(rho, rel=1e-12)
     assert abs(sphere.value - expected_average) < 4 * sphere.stderr
     # L∞: a convex quadratic is maximised at a vertex of the box; there are 2⁴. Every vertex v = ρ sign(Hv) is a
@@ -123,7 +123,7 @@ def test_at_a_minimum_worst_exceeds_average_exceeds_zero_and_both_match_the_quad
     box_maximum = float((0.5 * (vertices @ hessian * vertices).sum(1)).max())
     worst_inf = worst_case_sharpness(model, F.mse_loss, (x, y), rho, p=INF)
     assert worst.value <= worst_inf.value <= box_maximum * (1 + 1e-12)  # the L2 ball lies inside the box
-    assert worst_inf.value >= average_case_sharpness(model, F.mse_loss, (x, y), rho, num_samples=50).value >= 0
+    assert worst_inf.value >= average_case_sharpness(model, F.mse_loss, (x, y), rho, num_probes=50).value >= 0
     restarts = [
         worst_case_sharpness(
             model, F.mse_loss, (x, y), rho, p=INF, random_start=True, generator=torch.Generator().manual_seed(seed)
@@ -355,10 +355,10 @@ def test_m_sharpness_averages_disjoint_batches_and_drops_the_remainder() -> None
     assert result.value == pytest.approx(float(values.mean()), rel=1e-15)
     assert result.stderr == pytest.approx(float(values.std()) / math.sqrt(3), rel=1e-12)
     # average kind: one generator shared by the batches in turn
-    averaged = m_sharpness(model, F.mse_loss, x, y, 5, 0.2, kind="average", num_samples=4)
+    averaged = m_sharpness(model, F.mse_loss, x, y, 5, 0.2, kind="average", num_probes=4)
     gen = torch.Generator().manual_seed(0)
     direct = [
-        average_case_sharpness(model, F.mse_loss, (x[i : i + 5], y[i : i + 5]), 0.2, num_samples=4, generator=gen)
+        average_case_sharpness(model, F.mse_loss, (x[i : i + 5], y[i : i + 5]), 0.2, num_probes=4, generator=gen)
         for i in (0, 5)
     ]
     assert averaged.per_batch == tuple(d.value for d in direct)
@@ -411,7 +411,7 @@ def test_bad_arguments_name_the_argument() -> None:
         ("step_size", lambda: worst_case_sharpness(model, F.mse_loss, data, 0.1, step_size=0.0)),
         ("eta", lambda: worst_case_sharpness(model, F.mse_loss, data, 0.1, adaptive=True, eta=-1.0)),
         ("mode", lambda: worst_case_sharpness(model, F.mse_loss, data, 0.1, mode="test")),
-        ("num_samples", lambda: average_case_sharpness(model, F.mse_loss, data, 0.1, num_samples=0)),
+        ("num_probes", lambda: average_case_sharpness(model, F.mse_loss, data, 0.1, num_probes=0)),
         ("distribution", lambda: average_case_sharpness(model, F.mse_loss, data, 0.1, distribution="uniform")),
         ("m", lambda: m_sharpness(model, F.mse_loss, x, y, 0, 0.1)),
         ("m", lambda: m_sharpness(model, F.mse_loss, x, y, 7, 0.1)),

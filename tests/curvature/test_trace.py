@@ -52,7 +52,7 @@ def test_hutchinson_within_four_standard_errors(indefinite, distribution):
     for seed in range(5):
         est = hutchinson_trace(DenseOperator(a), 100, distribution=distribution, generator=gen(seed))
         assert isinstance(est, TraceEstimate)
-        assert est.num_samples == est.num_matvecs == 100
+        assert est.num_probes == est.num_matvecs == 100
         assert est.stderr > 0
         assert abs(est.value - true) <= 4 * est.stderr
 
@@ -79,7 +79,7 @@ def test_hutchpp_beats_hutchinson_on_low_rank_plus_noise(low_rank_plus_noise):
         h = hutchinson_trace(DenseOperator(a), 99, generator=gen(seed))
         op = DenseOperator(a)
         pp = hutchpp_trace(op, 99, generator=gen(seed))
-        assert pp.num_matvecs == op.num_matvecs == 99 and pp.num_samples == 33
+        assert pp.num_matvecs == op.num_matvecs == 99 and pp.num_probes == 33
         assert abs(pp.value - true) <= 4 * pp.stderr
         err_h.append(abs(h.value - true))
         err_pp.append(abs(pp.value - true))
@@ -91,7 +91,7 @@ def test_hutchpp_spends_exactly_its_budget(indefinite, budget, probes):
     _, a = indefinite
     op = DenseOperator(a)
     est = hutchpp_trace(op, budget)
-    assert est.num_matvecs == op.num_matvecs == budget and est.num_samples == probes
+    assert est.num_matvecs == op.num_matvecs == budget and est.num_probes == probes
     if probes == 1:
         assert math.isnan(est.stderr)
 
@@ -147,7 +147,7 @@ def test_frobenius_within_four_standard_errors(indefinite):
     for seed in range(5):
         est = frobenius_norm(DenseOperator(a), 100, generator=gen(seed))
         assert isinstance(est, FrobeniusEstimate)
-        assert est.num_samples == est.num_matvecs == 100
+        assert est.num_probes == est.num_matvecs == 100
         assert abs(est.value - true) <= 4 * est.stderr
         assert abs(est.squared - true**2) <= 4 * est.squared_stderr
         assert est.value == pytest.approx(math.sqrt(est.squared))
@@ -178,11 +178,11 @@ def test_float32_operator(indefinite):
 @pytest.mark.parametrize(
     "call, name",
     [
-        (lambda op: hutchinson_trace(op, 0), "num_samples"),
-        (lambda op: hutchinson_trace(op, 2.5), "num_samples"),
+        (lambda op: hutchinson_trace(op, 0), "num_matvecs"),
+        (lambda op: hutchinson_trace(op, 2.5), "num_matvecs"),
         (lambda op: hutchinson_trace(op, 10, distribution="uniform"), "distribution"),
         (lambda op: hutchpp_trace(op, 2), "num_matvecs"),
-        (lambda op: frobenius_norm(op, 0), "num_samples"),
+        (lambda op: frobenius_norm(op, 0), "num_matvecs"),
     ],
 )
 def test_bad_arguments(call, name):

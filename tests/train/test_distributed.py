@@ -81,7 +81,7 @@ def test_two_processes_train_on_the_data_of_one(tmp_path: Path) -> None:
         assert row_two[key] == pytest.approx(row_one[key], rel=1e-6), key
         assert final_two[key] == pytest.approx(final_one[key], rel=1e-6), key
     assert row_two["step"] == row_one["step"] == 15
-    assert main(["measure", str(two), "--what", "trace", "--samples", "3", "--measure-size", "64"]) == 0
+    assert main(["measure", str(two), "--what", "trace", "--trace-matvecs", "3", "--measure-size", "64"]) == 0
 
 
 def test_torchrun_form_trains_sam_and_tracks_sharpness_over_both_processes(tmp_path: Path) -> None:
@@ -159,8 +159,8 @@ def test_measure_in_two_processes_equals_one(tmp_path: Path, capsys: pytest.Capt
     one-process measurement up to float32 rounding; rank 0 alone writes and prints."""
     run = tmp_path / "run"
     assert main(["train", *TINY, "--threads", "1", "--out", str(run)]) == 0
-    flags = ["--what", "eig,trace,frobenius,density", "--samples", "6", "--density-vectors", "2"]
-    flags += ["--density-steps", "8", "--measure-size", "301", "--top-k", "3"]
+    flags = ["--what", "eig,trace,frobenius,density", "--trace-matvecs", "6", "--density-probes", "2"]
+    flags += ["--density-matvecs-per-probe", "8", "--measure-size", "301", "--top-k", "3"]
     assert main(["measure", str(run), *flags, "--threads", "1", "--out", str(tmp_path / "one")]) == 0
     result = _sharpness("measure", str(run), *flags, "--nproc-per-node", "2", "--out", str(tmp_path / "two"))
     assert result.returncode == 0, result.stderr

@@ -39,7 +39,7 @@ def _dense_top(trainer: Trainer, precondition: bool) -> float:
 
 
 def test_adam_rows_carry_the_preconditioned_sharpness_against_38_over_lr() -> None:
-    tracker = SharpnessTracker(3, measure_size=MEASURE, tol=1e-4, max_iter=60)
+    tracker = SharpnessTracker(3, measure_size=MEASURE, tol=1e-4, num_matvecs=60)
     trainer = _trainer(lambda m: torch.optim.Adam(m.parameters(), lr=0.01), tracker)
     trainer.fit()
     rows = tracker.rows
@@ -56,10 +56,10 @@ def test_adam_rows_carry_the_preconditioned_sharpness_against_38_over_lr() -> No
 
 
 def test_the_preconditioned_eigenvector_warm_starts_the_next_measurement() -> None:
-    tracker = SharpnessTracker(1, measure_size=MEASURE, tol=1e-3, max_iter=60)
+    tracker = SharpnessTracker(1, measure_size=MEASURE, tol=1e-3, num_matvecs=60)
     trainer = _trainer(lambda m: torch.optim.Adam(m.parameters(), lr=1e-4), tracker, epochs=1)
     trainer.fit()
-    cold = SharpnessTracker(1, measure_size=MEASURE, tol=1e-3, max_iter=60).measure(trainer, 6, 0)
+    cold = SharpnessTracker(1, measure_size=MEASURE, tol=1e-3, num_matvecs=60).measure(trainer, 6, 0)
     warm_matvecs = tracker.rows[-1]["matvecs"]
     assert warm_matvecs < cold["matvecs"]
     assert tracker.rows[-1]["preconditioned_lambda_max"] == pytest.approx(cold["preconditioned_lambda_max"], rel=1e-2)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sharpness._deprecation import renamed_arguments
 from sharpness.checks import check_integer, check_real
 from sharpness.curvature.linop import LinearOperator, apply_block, counting, default_generator, rademacher
 
@@ -42,8 +43,8 @@ class SpectralDensity:
         grid: ``(g,)`` increasing points ``x``.
         density: ``(g,)`` ``φ_σ(x)``, non-negative, integrating to 1 over the real line (over the default grid
             to within about 1e-6).
-        nodes: ``(num_vectors, m)`` Gauss quadrature nodes (Ritz values), ascending per row.
-        weights: ``(num_vectors, m)`` quadrature weights, each row summing to 1. A row whose Lanczos run ended early
+        nodes: ``(num_probes, m)`` Gauss quadrature nodes (Ritz values), ascending per row.
+        weights: ``(num_probes, m)`` quadrature weights, each row summing to 1. A row whose Lanczos run ended early
             on an invariant subspace (the quadrature is then exact) is padded with zero weights at its last node.
         sigma: the Gaussian width used.
         dim: the operator's size ``n``.
@@ -74,7 +75,7 @@ class SpectralDensity:
 
 
 def gaussian_density(grid: Tensor, nodes: Tensor, weights: Tensor, sigma: float) -> Tensor:
-    """``mean_v Σ_i w_{v,i} N(x; θ_{v,i}, σ²)`` on ``grid`` for nodes/weights of shape ``(num_vectors, m)``."""
+    """``mean_v Σ_i w_{v,i} N(x; θ_{v,i}, σ²)`` on ``grid`` for nodes/weights of shape ``(num_probes, m)``."""
     theta = nodes.reshape(-1)
     w = weights.reshape(-1) / nodes.shape[0]
     out = torch.zeros_like(grid)
@@ -147,11 +148,12 @@ def _check_grid(grid: object) -> Tensor | int:
     return grid
 
 
+@renamed_arguments(num_vectors="num_probes", lanczos_steps="num_matvecs_per_probe")
 def spectral_density(
     op: LinearOperator,
     *,
-    num_vectors: int = 10,
-    lanczos_steps: int = 80,
+    num_probes: int = 10,
+    num_matvecs_per_probe: int = 80,
     grid: Tensor | int = 1000,
     sigma: float | None = None,
     generator: torch.Generator | None = None,
@@ -160,10 +162,10 @@ def spectral_density(
     """The spectral density of a symmetric operator by stochastic Lanczos quadrature, smoothed by a Gaussian.
 
     Method (Lin, Saad & Yang 2016, §3.2; Ubaru, Chen & Saad 2017; Ghorbani et al. 2019): for each of
-    ``num_vectors`` random unit vectors
-    ``v = r / sqrt(n)`` (Rademacher ``r``, so ``E[v vᵀ] = I/n``), run ``m = min(lanczos_steps, n)`` Lanczos steps
-    with full reorthogonalisation (as :func:`~sharpness.curvature.eigen.top_eigenvalues`; without it spurious
-    copies of the extreme eigenvalues distort the weights). The eigen-decomposition ``T = S diag(θ) Sᵀ`` gives
+    ``num_probes`` random unit vectors ``v = r / sqrt(n)`` (Rademacher ``r``, so ``E[v vᵀ] = I/n``), run
+    ``m = min(num_matvecs_per_probe, n)`` Lanczos steps (one product each) with full reorthogonalisation (as
+    :func:`~sharpness.curvature.eigen.top_eigenvalues`; without it spurious copies of the extreme eigenvalues
+    distort the weights). The eigen-decomposition ``T = S diag(θ) Sᵀ`` gives
     nodes ``θ_i`` and weights ``w_i = S_{1i}²``; the density is ``φ_σ(x) = mean_v Σ_i w_i N(x; θ_i, σ²)``. A run
     that reaches an invariant subspace stops early (its quadrature is then exact) and is padded with zero
     weights.
@@ -172,7 +174,7 @@ def spectral_density(
     step is one block product ``A [q^(1) … q^(p)]`` through :func:`~sharpness.curvature.linop.apply_block` (a
     single batched pass when the operator has ``matmat``). The random vectors are drawn in the same order as one
     probe at a time and the arithmetic per probe is the same, so the result equals the one-probe-at-a-time
-    computation up to rounding, whatever ``probes_per_block``. Cost: ``num_vectors · m`` products (fewer if runs
+    computation up to rounding, whatever ``probes_per_block``. Cost: ``num_probes · m`` products (fewer if runs
     stop early); memory ``probes_per_block × m × n`` values of the operator's dtype for the bases.
 
     Defaults: ``σ = 0.01 · (max θ − min θ)`` over all nodes (``0.01 · max(|θ|, 1)`` if all nodes coincide), a
@@ -182,12 +184,14 @@ def spectral_density(
 
     Args:
         op: a symmetric :class:`~sharpness.curvature.linop.LinearOperator`.
-        num_vectors: number of random start vectors, ``>= 1``.
-        lanczos_steps: Lanczos steps per vector, ``>= 1`` (capped at ``op.dim``).
+        num_probes: number of random start vectors (independent Lanczos runs), ``>= 1``. Deprecated alias:
+            ``num_vectors``.
+        num_matvecs_per_probe: Lanczos steps per probe, one product each, ``>= 1`` (capped at ``op.dim``); the
+            total is ``num_probes · num_matvecs_per_probe``. Deprecated alias: ``lanczos_steps``.
         grid: number of grid points (``>= 2``) or an explicit increasing 1-D tensor of points.
         sigma: Gaussian width, ``> 0``; default as above.
         generator: source of the start vectors; default a fresh generator seeded 0 (the global RNG is never used).
-        probes_per_block: how many recurrences share a block product, ``>= 1``; default all ``num_vectors``. Lower
+        probes_per_block: how many recurrences share a block product, ``>= 1``; default all ``num_probes``. Lower
             it to bound the memory of the bases.
 
     Returns:
@@ -197,22 +201,22 @@ def spectral_density(
     Krishnan & Xiao, ICML 2019.
     """
     op = counting(op)
-    num_vectors = check_integer(num_vectors, "num_vectors", low=1)
-    lanczos_steps = check_integer(lanczos_steps, "lanczos_steps", low=1)
+    num_probes = check_integer(num_probes, "num_probes", low=1)
+    num_matvecs_per_probe = check_integer(num_matvecs_per_probe, "num_matvecs_per_probe", low=1)
     grid = _check_grid(grid)
     if sigma is not None:
         sigma = check_real(sigma, "sigma", low=0.0, low_open=True, what="or None for the default")
     generator = default_generator(generator)
     probes_per_block = check_integer(
-        num_vectors if probes_per_block is None else probes_per_block, "probes_per_block", low=1
+        num_probes if probes_per_block is None else probes_per_block, "probes_per_block", low=1
     )
 
     n = op.dim
-    m = min(lanczos_steps, n)
-    nodes = torch.empty(num_vectors, m, dtype=torch.float64)
-    weights = torch.zeros(num_vectors, m, dtype=torch.float64)
+    m = min(num_matvecs_per_probe, n)
+    nodes = torch.empty(num_probes, m, dtype=torch.float64)
+    weights = torch.zeros(num_probes, m, dtype=torch.float64)
     starts = torch.stack(
-        [rademacher(n, dtype=op.dtype, device=op.device, generator=generator) for _ in range(num_vectors)]
+        [rademacher(n, dtype=op.dtype, device=op.device, generator=generator) for _ in range(num_probes)]
     )
     chunks = torch.split(starts / math.sqrt(n), probes_per_block)
     tridiagonals = [t for chunk in chunks for t in _lockstep_lanczos(op, chunk, m)]

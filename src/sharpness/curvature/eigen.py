@@ -29,6 +29,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from sharpness._deprecation import renamed_arguments
 from sharpness.checks import check_integer, check_real
 from sharpness.curvature.linop import LinearOperator, apply_block, counting, default_generator, gaussian
 
@@ -81,7 +82,7 @@ class PowerResult:
         eigenvalue: the last Rayleigh quotient ``vᵀ A v`` (the eigenvalue largest in magnitude, with its sign).
         eigenvector: the last iterate ``A v / ‖A v‖`` (unit norm; for a negative eigenvalue its sign alternates).
         num_matvecs: products with the operator used (one per iteration).
-        converged: whether the relative-change criterion was met within ``max_iter`` iterations.
+        converged: whether the relative-change criterion was met within ``num_matvecs`` iterations.
     """
 
     eigenvalue: float
@@ -274,12 +275,13 @@ def _ritz_pairs(lanczos: _BlockLanczos, k: int, which: str, tol: float, criterio
     return _Pairs(s[:, idx], values, res, bounds, accurate, converged)
 
 
+@renamed_arguments(max_iter="num_matvecs")
 def top_eigenvalues(
     op: LinearOperator,
     k: int = 1,
     *,
     which: str = "largest",
-    max_iter: int = 100,
+    num_matvecs: int = 100,
     tol: float = 1e-6,
     init: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -298,10 +300,10 @@ def top_eigenvalues(
     matrix ``T = Qᵀ A Q`` and its eigenpairs ``(θ_i, s_i)`` the Ritz pairs ``(θ_i, Q s_i)`` (Rayleigh–Ritz), with
     residual ``‖A y_i − θ_i y_i‖`` computed from the last block's remainder for free. Every ``check_every`` steps
     (once there are ``>= k`` Ritz values) the ``k`` wanted pairs are tested (``accurate``, below); Lanczos stops
-    when all are, when the next block would exceed ``max_iter`` products, or when the space is exhausted (an
+    when all are, when the next block would exceed ``num_matvecs`` products, or when the space is exhausted (an
     invariant subspace, whose Ritz values are exact eigenvalues). Directions of a block that fall to rounding level
     (deflation) are replaced by random vectors orthogonal to the basis. With ``b = 1`` this is exactly
-    single-vector Lanczos. Memory: ``min(max_iter, n) × n`` values of the operator's dtype.
+    single-vector Lanczos. Memory: ``min(num_matvecs, n) × n`` values of the operator's dtype.
 
     Repeated eigenvalues: a Krylov space started from ``b`` generic vectors contains ``min(b, m)`` independent
     eigenvectors of an eigenvalue of multiplicity ``m``, so block Lanczos finds up to ``b`` copies, while with
@@ -325,9 +327,10 @@ def top_eigenvalues(
         op: a symmetric :class:`~sharpness.curvature.linop.LinearOperator` (``matvec``, optionally ``matmat``).
         k: how many eigenpairs, ``1 <= k <= op.dim``.
         which: ``"largest"`` (algebraically largest, e.g. ``λ_max`` of a Hessian) or ``"smallest"`` (most negative).
-        max_iter: at most this many products (basis vectors), at least ``k`` rounded up to a multiple of
-            ``block_size``; capped at ``op.dim``.
-        tol: relative tolerance (``>= 0``; 0 runs to the rounding floor or ``max_iter``).
+        num_matvecs: at most this many products (= basis vectors; a block step is ``block_size`` products), at
+            least ``k`` rounded up to a multiple of ``block_size``; capped at ``op.dim``. Deprecated alias:
+            ``max_iter``.
+        tol: relative tolerance (``>= 0``; 0 runs to the rounding floor or ``num_matvecs``).
         init: start vector (any shape with ``op.dim`` elements, not necessarily normalised), e.g. the previous
             top eigenvector when tracking ``λ_max`` during training (warm start); the first vector of the block.
         generator: source of the random start vectors; default a fresh generator seeded 0 (the global RNG is never
@@ -354,14 +357,16 @@ def top_eigenvalues(
     block_size = min(k, DEFAULT_MAX_BLOCK) if block_size is None else block_size
     block_size = check_integer(block_size, "block_size", low=1, high=k, what="a block wider than k finds no more")
     need = -(-k // block_size) * block_size
-    max_iter = check_integer(max_iter, "max_iter", low=need, what=f"k = {k} rounded up to a multiple of block_size")
+    num_matvecs = check_integer(
+        num_matvecs, "num_matvecs", low=need, what=f"k = {k} rounded up to a multiple of block_size"
+    )
     tol = check_real(tol, "tol", low=0.0)
     check_every = check_integer(check_every, "check_every", low=1)
     if criterion not in ("residual", "eigenvalue"):
         raise ValueError(f"criterion must be 'residual' or 'eigenvalue', got {criterion!r}")
     generator = default_generator(generator)
 
-    lanczos = _BlockLanczos(op, min(max_iter, n), _start_block(init, op, block_size, generator))
+    lanczos = _BlockLanczos(op, min(num_matvecs, n), _start_block(init, op, block_size, generator))
     steps = 0
     while True:
         invariant = lanczos.step()
@@ -391,10 +396,11 @@ def top_eigenvalues(
     )
 
 
+@renamed_arguments(max_iter="num_matvecs")
 def power_iteration(
     op: LinearOperator,
     *,
-    max_iter: int = 100,
+    num_matvecs: int = 100,
     tol: float = 1e-3,
     init: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -410,21 +416,21 @@ def power_iteration(
 
     Args:
         op: a symmetric :class:`~sharpness.curvature.linop.LinearOperator`.
-        max_iter: at most this many iterations (= products), ``>= 1``.
-        tol: relative-change tolerance, ``>= 0`` (PyHessian's default 1e-3; 0 runs all ``max_iter``).
+        num_matvecs: at most this many products (= iterations), ``>= 1``. Deprecated alias: ``max_iter``.
+        tol: relative-change tolerance, ``>= 0`` (PyHessian's default 1e-3; 0 runs all ``num_matvecs``).
         init: start vector with ``op.dim`` elements.
         generator: source of the random start vector; default a fresh generator seeded 0.
 
     References: R. von Mises & H. Pollaczek-Geiringer (1929); Golub & Van Loan §8.2.1; Yao et al., PyHessian (2020).
     """
     op = counting(op)
-    max_iter = check_integer(max_iter, "max_iter", low=1)
+    num_matvecs = check_integer(num_matvecs, "num_matvecs", low=1)
     tol = check_real(tol, "tol", low=0.0)
     v = _start_vector(init, op, default_generator(generator))
     lam_old: float | None = None
     lam = 0.0
     converged = False
-    for _ in range(max_iter):
+    for _ in range(num_matvecs):
         w = op.matvec(v)
         lam = float(torch.dot(v, w))
         norm = torch.linalg.vector_norm(w)

@@ -40,7 +40,7 @@ Average case: ``z = ρ ξ / √d`` with ``ξ ~ N(0, I_d)`` (``distribution="gaus
 ``z = ρ ξ / ||ξ||`` (``"sphere"``: uniform on the sphere ``||z||_2 = ρ``), ``d`` the number of perturbed
 coordinates (those with ``c > 0``). The paper writes ``δ ~ N(0, ρ² diag(c²))`` instead (standard deviation
 ``ρ`` per coordinate); that is ``rho = ρ_paper · √d`` here. The mean and its standard error over
-``num_samples`` draws are reported.
+``num_probes`` random perturbations (one forward pass each; ``num_samples`` is a deprecated alias) are reported.
 
 Every measurement runs under :func:`~sharpness.curvature.state.measurement_mode` (``mode="eval"`` by default)
 and leaves the model exactly as found: the parameters are perturbed in place for the forward passes and copied
@@ -61,6 +61,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from sharpness._deprecation import renamed_arguments
 from sharpness.checks import check_integer, check_real, is_real
 from sharpness.curvature.linop import default_generator
 from sharpness.curvature.operator import Batch, LossFn, ParamFilter, select_parameters
@@ -80,7 +81,7 @@ class SharpnessEstimate:
     Attributes:
         value: ``perturbed_loss − loss``; for the worst case the best value found (``≥ 0``: ``δ = 0`` counts),
             for the average case the mean over the samples.
-        stderr: the standard error of ``value``: ``std(samples, ddof=1)/sqrt(num_samples)`` for the average case
+        stderr: the standard error of ``value``: ``std(samples, ddof=1)/sqrt(num_probes)`` for the average case
             (``nan`` for one sample); ``nan`` for the worst case (a deterministic lower bound, not a mean).
         loss: ``L_B(w)``, the loss of the unperturbed model.
         perturbed_loss: ``L_B(w + δ*)`` at the best iterate (worst case) or the mean perturbed loss (average).
@@ -337,13 +338,14 @@ def worst_case_sharpness(
     )
 
 
+@renamed_arguments(num_samples="num_probes")
 def average_case_sharpness(
     model: nn.Module,
     loss_fn: LossFn,
     batch: Batch,
     rho: float,
     *,
-    num_samples: int = 20,
+    num_probes: int = 20,
     distribution: Literal["gaussian", "sphere"] = "gaussian",
     adaptive: bool = False,
     eta: float = 0.0,
@@ -355,10 +357,12 @@ def average_case_sharpness(
 
     ``z = ρ ξ/√d``, ``ξ ~ N(0, I_d)`` (``"gaussian"``: ``E||z||² = ρ²``), or ``z = ρ ξ/||ξ||`` (``"sphere"``), over
     the ``d`` coordinates with ``c > 0``. The paper's ``N(0, ρ² diag(c²))`` is ``rho = ρ_paper · √d`` here.
-    Other arguments as in :func:`worst_case_sharpness`. Costs ``1 + num_samples`` forward passes.
+    ``num_probes``: the number of random perturbations ``δ`` averaged, ``>= 1`` (the standard error needs
+    ``>= 2``); deprecated alias ``num_samples``. Other arguments as in :func:`worst_case_sharpness`. Costs
+    ``1 + num_probes`` forward passes.
     """
     rho = check_real(rho, "rho", low=0.0)
-    num_samples = check_integer(num_samples, "num_samples", low=1)
+    num_probes = check_integer(num_probes, "num_probes", low=1)
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     eta = check_real(eta, "eta", low=0.0)
@@ -371,7 +375,7 @@ def average_case_sharpness(
         try:
             loss0 = _check_loss(state.loss(None))
             losses, squared_norms = [], []
-            for _ in range(num_samples):
+            for _ in range(num_probes):
                 z = state.random(generator)
                 if state.active > 0:
                     norm = math.sqrt(state.active) if distribution == "gaussian" else _ball_norm(z, 2.0)
@@ -381,18 +385,19 @@ def average_case_sharpness(
         finally:
             state.restore()
     gaps = torch.tensor(losses, dtype=torch.float64) - loss0
-    stderr = float(gaps.std(correction=1)) / math.sqrt(num_samples) if num_samples > 1 else math.nan
+    stderr = float(gaps.std(correction=1)) / math.sqrt(num_probes) if num_probes > 1 else math.nan
     return SharpnessEstimate(
         value=float(gaps.mean()),
         stderr=stderr,
         loss=loss0,
         perturbed_loss=float(torch.tensor(losses, dtype=torch.float64).mean()),
-        perturbation_norm=math.sqrt(sum(squared_norms) / num_samples),
+        perturbation_norm=math.sqrt(sum(squared_norms) / num_probes),
         num_evaluations=state.evaluations,
         kind="average",
     )
 
 
+@renamed_arguments(num_samples="num_probes")  # mapped here, so the batches' calls do not warn once each
 def m_sharpness(
     model: nn.Module,
     loss_fn: LossFn,
@@ -410,8 +415,9 @@ def m_sharpness(
     The data are cut in order into ``n // m`` batches ``(x[i m:(i+1) m], y[i m:(i+1) m])``; the last
     ``n mod m`` examples are dropped (shuffle beforehand for random batches). Each batch is measured with
     :func:`worst_case_sharpness` (``kind="worst"``) or :func:`average_case_sharpness` (``"average"``) with
-    ``kwargs``; one ``generator`` (a fresh one seeded 0 when ``None``) is shared by the batches in turn, so
-    ``m = n`` gives exactly the full-batch measurement with the same generator.
+    ``kwargs`` (e.g. ``steps``, ``num_probes``; the deprecated ``num_samples`` is mapped here, once); one
+    ``generator`` (a fresh one seeded 0 when ``None``) is shared by the batches in turn, so ``m = n`` gives exactly
+    the full-batch measurement with the same generator.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")

@@ -6,7 +6,8 @@
 - :func:`frobenius_norm`: ``‖A‖_F² = tr(A²) = E‖A v‖²`` for Rademacher ``v`` (Hutchinson on ``A²``).
 
 Each returns the estimate with a standard error (sample standard deviation over ``sqrt(m)``), so a report can
-say ``value ± 2 stderr``, and the number of products used.
+say ``value ± 2 stderr``, and the number of products used. Each takes ``num_matvecs``, its budget of products
+(one per probe for Hutchinson and the Frobenius norm; ``num_samples`` there is a deprecated alias).
 
 References: M. F. Hutchinson, "A stochastic estimator of the trace of the influence matrix for Laplacian
 smoothing splines", Comm. Stat. Simul. Comput. 18 (1989); H. Avron & S. Toledo, "Randomized algorithms for
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sharpness._deprecation import renamed_arguments, renamed_attribute
 from sharpness.checks import check_integer
 from sharpness.curvature.linop import LinearOperator, apply_block, counting, default_generator, gaussian, rademacher
 
@@ -34,16 +36,19 @@ class TraceEstimate:
 
     Attributes:
         value: the estimate of ``tr(A)``.
-        stderr: its standard error, ``std(samples, ddof=1) / sqrt(num_samples)`` (``nan`` for one sample). For
+        stderr: its standard error, ``std(samples, ddof=1) / sqrt(num_probes)`` (``nan`` for one probe). For
             Hutch++ it is that of the Hutchinson part, conditional on the sketch (the exact part has none).
-        num_samples: the number of random quadratic forms averaged.
+        num_probes: the number of random quadratic forms ``vᵀ A v`` averaged (Hutchinson: ``num_matvecs``;
+            Hutch++: the probes left after the sketch and its basis). ``num_samples`` is a deprecated alias.
         num_matvecs: products with the operator used.
     """
 
     value: float
     stderr: float
-    num_samples: int
+    num_probes: int
     num_matvecs: int
+
+    num_samples = renamed_attribute("num_samples", "num_probes")
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,8 @@ class FrobeniusEstimate:
         stderr: its standard error by the delta method, ``squared_stderr / (2 value)``.
         squared: the (unbiased) estimate of ``‖A‖_F² = tr(A²)``, the mean of ``‖A v‖²``.
         squared_stderr: the standard error of ``squared``.
-        num_samples: the number of probes.
+        num_probes: the number of probes ``v`` averaged (one product each, so ``num_matvecs``). ``num_samples``
+            is a deprecated alias.
         num_matvecs: products with the operator used.
     """
 
@@ -63,8 +69,10 @@ class FrobeniusEstimate:
     stderr: float
     squared: float
     squared_stderr: float
-    num_samples: int
+    num_probes: int
     num_matvecs: int
+
+    num_samples = renamed_attribute("num_samples", "num_probes")
 
 
 def _mean_stderr(samples: list[float]) -> tuple[float, float]:
@@ -85,9 +93,10 @@ def _rademacher_block(n: int, count: int, op: LinearOperator, generator: torch.G
     return torch.stack([rademacher(n, dtype=op.dtype, device=op.device, generator=generator) for _ in range(count)], 1)
 
 
+@renamed_arguments(num_samples="num_matvecs")
 def hutchinson_trace(
     op: LinearOperator,
-    num_samples: int = 100,
+    num_matvecs: int = 100,
     *,
     distribution: str = "rademacher",
     generator: torch.Generator | None = None,
@@ -95,28 +104,29 @@ def hutchinson_trace(
     """Hutchinson's estimate of ``tr(A)``: the mean of ``vᵀ A v`` over independent random probes ``v``.
 
     Method: ``E[vᵀ A v] = tr(A E[v vᵀ]) = tr(A)`` when ``E[v vᵀ] = I``. Rademacher probes (entries ±1) have the
-    smallest variance, ``2 (‖A‖_F² − Σ_i A_ii²)``; Gaussian probes have ``2 ‖A‖_F²``. Uses ``num_samples``
-    products; the standard error is the sample standard deviation over ``sqrt(num_samples)``.
+    smallest variance, ``2 (‖A‖_F² − Σ_i A_ii²)``; Gaussian probes have ``2 ‖A‖_F²``. Uses ``num_matvecs``
+    products, one per probe; the standard error is the sample standard deviation over ``sqrt(num_matvecs)``.
 
     Args:
         op: a symmetric :class:`~sharpness.curvature.linop.LinearOperator`.
-        num_samples: number of probes (= products), ``>= 1`` (the standard error needs ``>= 2``).
+        num_matvecs: number of products, ``>= 1``: one per probe (the standard error needs ``>= 2``).
+            Deprecated alias: ``num_samples``.
         distribution: ``"rademacher"`` or ``"gaussian"``.
         generator: source of the probes; default a fresh generator seeded 0 (the global RNG is never used).
 
     References: Hutchinson (1989); Avron & Toledo (2011).
     """
     op = counting(op)
-    num_samples = check_integer(num_samples, "num_samples", low=1)
+    num_matvecs = check_integer(num_matvecs, "num_matvecs", low=1)
     if distribution not in ("rademacher", "gaussian"):
         raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
     generator = default_generator(generator)
     samples = []
-    for _ in range(num_samples):
+    for _ in range(num_matvecs):
         v = _probe(distribution, op, generator)
         samples.append(float(torch.dot(v, op.matvec(v))))
     value, stderr = _mean_stderr(samples)
-    return TraceEstimate(value=value, stderr=stderr, num_samples=num_samples, num_matvecs=op.num_matvecs)
+    return TraceEstimate(value=value, stderr=stderr, num_probes=num_matvecs, num_matvecs=op.num_matvecs)
 
 
 def hutchpp_trace(
@@ -162,12 +172,13 @@ def hutchpp_trace(
     g = _rademacher_block(n, num_probes, op, generator)  # num_probes >= s >= 1
     g = g - q @ (q.T @ g)
     rest, stderr = _mean_stderr((g * apply_block(op, g)).sum(dim=0).tolist())
-    return TraceEstimate(value=exact + rest, stderr=stderr, num_samples=num_probes, num_matvecs=op.num_matvecs)
+    return TraceEstimate(value=exact + rest, stderr=stderr, num_probes=num_probes, num_matvecs=op.num_matvecs)
 
 
+@renamed_arguments(num_samples="num_matvecs")
 def frobenius_norm(
     op: LinearOperator,
-    num_samples: int = 100,
+    num_matvecs: int = 100,
     *,
     generator: torch.Generator | None = None,
 ) -> FrobeniusEstimate:
@@ -180,16 +191,17 @@ def frobenius_norm(
 
     Args:
         op: a symmetric :class:`~sharpness.curvature.linop.LinearOperator`.
-        num_samples: number of probes (= products), ``>= 1`` (the standard error needs ``>= 2``).
+        num_matvecs: number of products, ``>= 1``: one per probe (the standard error needs ``>= 2``).
+            Deprecated alias: ``num_samples``.
         generator: source of the probes; default a fresh generator seeded 0.
 
     References: Hutchinson (1989); Avron & Toledo (2011).
     """
     op = counting(op)
-    num_samples = check_integer(num_samples, "num_samples", low=1)
+    num_matvecs = check_integer(num_matvecs, "num_matvecs", low=1)
     generator = default_generator(generator)
     samples = []
-    for _ in range(num_samples):
+    for _ in range(num_matvecs):
         v = rademacher(op.dim, dtype=op.dtype, device=op.device, generator=generator)
         samples.append(float(torch.linalg.vector_norm(op.matvec(v))) ** 2)
     squared, squared_stderr = _mean_stderr(samples)
@@ -203,6 +215,6 @@ def frobenius_norm(
         stderr=stderr,
         squared=squared,
         squared_stderr=squared_stderr,
-        num_samples=num_samples,
+        num_probes=num_matvecs,
         num_matvecs=op.num_matvecs,
     )

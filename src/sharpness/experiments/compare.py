@@ -180,8 +180,29 @@ def _row(optimizer: str, rho: float, group: list[dict[str, Any]], classification
     return row
 
 
-def format_table(summary: dict[str, Any]) -> str:
-    """The comparison as a plain-text table (what ``sharpness compare`` prints)."""
+SUMMARY_COLUMNS = {
+    "optimizer": "the optimizer (its CLI name)",
+    "rho": "SAM's ρ (for a ρ grid: the ρ chosen on validation)",
+    "epochs": "epochs trained",
+    "seeds": "runs (seeds) averaged",
+    "test acc % (95% CI)": "test accuracy, mean over seeds ± half-width of the 95% Student-t interval",
+    "test loss (95% CI)": "test loss, mean over seeds ± half-width of the 95% Student-t interval",
+    "train loss": "final training loss (mean over seeds)",
+    "gap": "train − test accuracy (eval mode, on the training labels)",
+    "gap (pts)": "train − test accuracy in percentage points (eval mode, on the training labels)",
+    "wall-clock s": "wall-clock seconds of the training steps (mean over seeds)",
+    "CPU s": "this process's CPU seconds of the training steps (waiting for a shared CPU does not count)",
+    "× SGD": "the column to its left over SGD's mean: the cost relative to SGD (1 = as costly as SGD)",
+    "SAM frac": "fraction of steps that took SAM's second (perturbed) pass",
+    "passes/step": "forward/backward passes per optimizer step: 1 for SGD, 2 for SAM, 1 + SAM frac for a policy",
+    "L(w+ε)−L(w)": "rise of the loss from w to SAM's perturbed weights in the last epoch (mean over its SAM steps)",
+}
+"""What each column of :func:`summary_cells` means (the HTML report's legend)."""
+
+
+def summary_cells(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The comparison's table as strings: the header and one row of cells per optimizer (see
+    :data:`SUMMARY_COLUMNS`); :func:`format_table` prints it, the HTML report shows it."""
     classification = summary["task"] == "classification"
     header = ["optimizer", "rho", "epochs", "seeds"]
     header += ["test acc % (95% CI)"] if classification else ["test loss (95% CI)"]
@@ -212,6 +233,13 @@ def format_table(summary: dict[str, Any]) -> str:
                 f"{row['sam_loss_rise_mean']:.3g}" if "sam_loss_rise_mean" in row else "-",
             ]
         )
+    return header, lines
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The comparison as a plain-text table (what ``sharpness compare`` prints)."""
+    classification = summary["task"] == "classification"
+    header, lines = summary_cells(summary)
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
 
     def render(cells: list[str]) -> str:  # first column left-aligned, numbers right-aligned

@@ -6,8 +6,8 @@ was minimised) and computes, each with its own generator seeded from ``seed``:
 
 - ``eig``: the ``top_k`` largest Hessian eigenvalues by Lanczos, with Ritz residuals and convergence flags, and
   the bulk ratio ``λ_1 / λ_5`` (Foret et al. 2021, §4.2);
-- ``trace``: ``tr(H)`` by Hutch++ and by Hutchinson, each with ``samples`` products and a standard error;
-- ``frobenius``: ``‖H‖_F`` by Hutchinson on ``H²`` with ``samples`` products;
+- ``trace``: ``tr(H)`` by Hutch++ and by Hutchinson, each with ``trace_matvecs`` products and a standard error;
+- ``frobenius``: ``‖H‖_F`` by Hutchinson on ``H²`` with ``trace_matvecs`` products;
 - ``density``: the spectral density by stochastic Lanczos quadrature, drawn to ``spectral_density.png`` as a
   log-density against the eigenvalue (as in the SAM paper's Hessian-spectrum figures);
 - ``sharpness``: worst-case and average-case ρ-sharpness and m-sharpness (:mod:`sharpness.curvature.rho_sharpness`).
@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from sharpness._deprecation import renamed_arguments
 from sharpness.curvature import (
     HessianOperator,
     bulk_ratio,
@@ -44,7 +45,7 @@ from sharpness.curvature import (
 )
 from sharpness.experiments.compare import RUNS_DIR
 from sharpness.experiments.config import RunConfig, build_config, check_choice, check_integer, check_number
-from sharpness.experiments.figures import pyplot, save_figure
+from sharpness.experiments.figures import panels, save_figure
 from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, LAUNCH_RECORD, load_data
 from sharpness.models import build_model
 from sharpness.train import CHECKPOINT_NAME, load_checkpoint, load_weights, read_json, write_json
@@ -216,6 +217,13 @@ def _sharpness_figures(result: Any, seconds: float) -> dict[str, Any]:
     return figures
 
 
+@renamed_arguments(
+    samples="trace_matvecs",
+    max_iter="eig_matvecs",
+    density_vectors="density_probes",
+    density_steps="density_matvecs_per_probe",
+    sharpness_samples="sharpness_probes",
+)
 def measure(
     run_dir: str | Path,
     what: str | Sequence[str] = DEFAULT_WHAT,
@@ -226,17 +234,17 @@ def measure(
     backend: str = "double_backward",
     seed: int = 0,
     top_k: int = 5,
-    samples: int = 100,
+    trace_matvecs: int = 100,
     rho: float | None = None,
     m: int = 128,
     adaptive: bool | None = None,
     params: Sequence[str] | None = None,
-    max_iter: int = 100,
+    eig_matvecs: int = 100,
     tol: float = 1e-6,
-    density_vectors: int = 10,
-    density_steps: int = 80,
+    density_probes: int = 10,
+    density_matvecs_per_probe: int = 80,
     sharpness_steps: int = 20,
-    sharpness_samples: int = 20,
+    sharpness_probes: int = 20,
     device: str | None = None,
     out: str | Path | None = None,
     force: bool = False,
@@ -255,14 +263,19 @@ def measure(
         backend: Hessian-vector products by ``"double_backward"`` or ``"forward_over_reverse"``.
         seed: seeds the estimators' generators (one per estimator).
         top_k: eigenvalues wanted (the bulk ratio λ_1/λ_5 needs 5).
-        samples: products for each trace estimate (Hutch++, Hutchinson) and for the Frobenius norm, >= 3.
+        trace_matvecs: Hessian-vector products for each trace estimate (Hutch++, Hutchinson) and for the Frobenius
+            norm (the trace of H²), >= 3.
         rho: sharpness radius; default the run's ``rho`` (0.05 if that is 0).
         m: m-sharpness batch size (capped at the measurement-set size).
         adaptive: adaptive (ASAM-style) sharpness; default whether the run trained with ``asam``.
         params: names or name prefixes of the parameters to measure (default all), e.g. ``["net.5"]``.
-        max_iter, tol: Lanczos steps cap and relative residual tolerance for ``eig``.
-        density_vectors, density_steps: start vectors and Lanczos steps per vector for ``density``.
-        sharpness_steps, sharpness_samples: ascent steps of the worst case, random draws of the average case.
+        eig_matvecs, tol: the most products (Lanczos steps) and the relative residual tolerance for ``eig``.
+        density_probes, density_matvecs_per_probe: random start vectors and Lanczos steps (products) per vector
+            for ``density``.
+        sharpness_steps, sharpness_probes: ascent steps of the worst case, random perturbations of the average
+            case.
+        The old names ``samples``, ``max_iter``, ``density_vectors``, ``density_steps`` and ``sharpness_samples``
+        are deprecated aliases (``measure.json`` keeps them as the keys of ``settings``).
         device: ``cpu`` or ``cuda[:N]``; default the run's device.
         out: folder for ``measure.json`` and ``spectral_density.png``; default ``RUN_DIR/measure``.
         force: overwrite the ``measure.json`` (and figure) of an earlier measurement in ``out``; without it an
@@ -282,9 +295,10 @@ def measure(
     """
     names = parse_what(what)
     options = _checked_options(
-        measure_size=measure_size, split=split, mode=mode, backend=backend, seed=seed, top_k=top_k, samples=samples,
-        rho=rho, m=m, adaptive=adaptive, params=params, max_iter=max_iter, tol=tol, density_vectors=density_vectors,
-        density_steps=density_steps, sharpness_steps=sharpness_steps, sharpness_samples=sharpness_samples,
+        measure_size=measure_size, split=split, mode=mode, backend=backend, seed=seed, top_k=top_k,
+        trace_matvecs=trace_matvecs, rho=rho, m=m, adaptive=adaptive, params=params, eig_matvecs=eig_matvecs, tol=tol,
+        density_probes=density_probes, density_matvecs_per_probe=density_matvecs_per_probe,
+        sharpness_steps=sharpness_steps, sharpness_probes=sharpness_probes,
     )  # fmt: skip
     rank, world_size = world()
     processes = world_size if processes is None else processes
@@ -331,8 +345,8 @@ def _checked_options(**options: Any) -> dict[str, Any]:
     check_choice("backend", options["backend"], ("double_backward", "forward_over_reverse"))
     for name, minimum in _INTEGER_MINIMA.items():
         check_integer(name, options[name], minimum=minimum)
-    if options["max_iter"] < options["top_k"]:
-        raise ValueError(f"max_iter must be >= top_k = {options['top_k']}, got {options['max_iter']}")
+    if options["eig_matvecs"] < options["top_k"]:
+        raise ValueError(f"eig_matvecs must be >= top_k = {options['top_k']}, got {options['eig_matvecs']}")
     check_number("tol", options["tol"], low=0.0)
     if options["rho"] is not None:
         check_number("rho", options["rho"], low=0.0, low_open=True)
@@ -341,8 +355,12 @@ def _checked_options(**options: Any) -> dict[str, Any]:
     return options
 
 
-_INTEGER_MINIMA = {"seed": 0, "top_k": 1, "samples": 3, "m": 1, "max_iter": 1, "density_vectors": 1,
-                   "density_steps": 1, "sharpness_steps": 1, "sharpness_samples": 2}  # fmt: skip
+_INTEGER_MINIMA = {"seed": 0, "top_k": 1, "trace_matvecs": 3, "m": 1, "eig_matvecs": 1, "density_probes": 1,
+                   "density_matvecs_per_probe": 1, "sharpness_steps": 1, "sharpness_probes": 2}  # fmt: skip
+#: The keys of ``settings`` in ``measure.json`` for the options renamed to the counts' vocabulary (the file keeps
+#: its keys).
+_RECORDED_AS = {"trace_matvecs": "samples", "eig_matvecs": "max_iter", "density_probes": "density_vectors",
+                "density_matvecs_per_probe": "density_steps", "sharpness_probes": "sharpness_samples"}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -386,6 +404,7 @@ def _settings_record(
     names: list[str], options: dict[str, Any], job: _Job, processes: int, config: RunConfig
 ) -> dict[str, Any]:
     """The ``settings`` entry of ``measure.json``: every option as used, and what was measured."""
+    options = {_RECORDED_AS.get(key, key): value for key, value in options.items()}
     return {
         "what": names,
         **{key: options[key] for key in ("split", "measure_size")},
@@ -425,7 +444,7 @@ def _eig(job: _Job) -> dict[str, Any]:
     o = job.options
     generator = _generator(o["seed"], "eig")
     eig, seconds = _timed(
-        lambda: top_eigenvalues(job.op, k=o["top_k"], max_iter=o["max_iter"], tol=o["tol"], generator=generator)
+        lambda: top_eigenvalues(job.op, k=o["top_k"], num_matvecs=o["eig_matvecs"], tol=o["tol"], generator=generator)
     )
     return {
         "eigenvalues": _floats(eig.eigenvalues),
@@ -439,17 +458,17 @@ def _eig(job: _Job) -> dict[str, Any]:
 
 
 def _trace(job: _Job) -> dict[str, Any]:
-    """The trace by Hutch++ and by Hutchinson, each with ``samples`` products."""
+    """The trace by Hutch++ and by Hutchinson, each with ``trace_matvecs`` products."""
     traces = {}
     for key, estimate in (("hutchpp", hutchpp_trace), ("hutchinson", hutchinson_trace)):
         generator = _generator(job.options["seed"], key)
         est, seconds = _timed(
-            lambda estimate=estimate, g=generator: estimate(job.op, job.options["samples"], generator=g)
+            lambda estimate=estimate, g=generator: estimate(job.op, job.options["trace_matvecs"], generator=g)
         )
         traces[key] = {
             "value": est.value,
             "stderr": est.stderr,
-            "num_samples": est.num_samples,
+            "num_samples": est.num_probes,
             "hvps": est.num_matvecs,
             "seconds": seconds,
         }
@@ -457,15 +476,15 @@ def _trace(job: _Job) -> dict[str, Any]:
 
 
 def _frobenius(job: _Job) -> dict[str, Any]:
-    """``||H||_F`` (and its square) from ``samples`` products."""
+    """``||H||_F`` (and its square) from ``trace_matvecs`` products."""
     generator = _generator(job.options["seed"], "frobenius")
-    est, seconds = _timed(lambda: frobenius_norm(job.op, job.options["samples"], generator=generator))
+    est, seconds = _timed(lambda: frobenius_norm(job.op, job.options["trace_matvecs"], generator=generator))
     return {
         "value": est.value,
         "stderr": est.stderr,
         "squared": est.squared,
         "squared_stderr": est.squared_stderr,
-        "num_samples": est.num_samples,
+        "num_samples": est.num_probes,
         "hvps": est.num_matvecs,
         "seconds": seconds,
     }
@@ -477,7 +496,10 @@ def _density(job: _Job) -> dict[str, Any]:
     generator = _generator(o["seed"], "density")
     dens, seconds = _timed(
         lambda: spectral_density(
-            job.op, num_vectors=o["density_vectors"], lanczos_steps=o["density_steps"], generator=generator
+            job.op,
+            num_probes=o["density_probes"],
+            num_matvecs_per_probe=o["density_matvecs_per_probe"],
+            generator=generator,
         )
     )
     return {
@@ -486,7 +508,7 @@ def _density(job: _Job) -> dict[str, Any]:
         "nodes": [_floats(row) for row in dens.nodes],
         "weights": [_floats(row) for row in dens.weights],
         "sigma": dens.sigma,
-        "num_vectors": o["density_vectors"],
+        "num_vectors": o["density_probes"],
         "lanczos_steps": int(dens.nodes.shape[1]),
         "hvps": dens.num_matvecs,
         "seconds": seconds,
@@ -499,14 +521,14 @@ def _sharpness(job: _Job) -> dict[str, Any]:
     from sharpness.curvature.rho_sharpness import average_case_sharpness, m_sharpness, worst_case_sharpness
 
     o, model, loss_fn, x, y = job.options, job.model, job.loss_fn, job.x, job.y
-    rho, m, seed, steps, draws = o["rho"], min(o["m"], len(y)), o["seed"], o["sharpness_steps"], o["sharpness_samples"]
+    rho, m, seed, steps, draws = o["rho"], min(o["m"], len(y)), o["seed"], o["sharpness_steps"], o["sharpness_probes"]
     common = {"adaptive": o["adaptive"], "params": o["params"], "mode": o["mode"]}
     runs = {
         "worst": lambda: worst_case_sharpness(
             model, loss_fn, (x, y), rho, steps=steps, generator=_generator(seed, "worst"), **common
         ),
         "average": lambda: average_case_sharpness(
-            model, loss_fn, (x, y), rho, num_samples=draws, generator=_generator(seed, "average"), **common
+            model, loss_fn, (x, y), rho, num_probes=draws, generator=_generator(seed, "average"), **common
         ),
         "m_worst": lambda: m_sharpness(
             model, loss_fn, x, y, m, rho, kind="worst", steps=steps, generator=_generator(seed, "m_worst"), **common
@@ -519,7 +541,7 @@ def _sharpness(job: _Job) -> dict[str, Any]:
             m,
             rho,
             kind="average",
-            num_samples=draws,
+            num_probes=draws,
             generator=_generator(seed, "m_average"),
             **common,
         ),  # fmt: skip
@@ -546,13 +568,12 @@ ESTIMATORS: dict[str, Callable[[_Job], dict[str, Any]]] = {
 
 def _density_figure(result: dict[str, Any], path: Path) -> None:
     """Log-density against eigenvalue (the SAM paper's Hessian-spectrum plots), top eigenvalues marked."""
-    plt = pyplot()
     dens = result["density"]
     grid = torch.tensor(dens["grid"], dtype=torch.float64)
     density = torch.tensor([d or 0.0 for d in dens["density"]], dtype=torch.float64)
     peak = float(density.max()) if density.numel() else 1.0
     floor = max(peak * 1e-8, 1e-300)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = panels()
     ax.semilogy(grid.numpy(), density.clamp(min=floor).numpy(), color="C0", lw=1.5, label="SLQ density")
     ax.set_ylim(bottom=floor, top=peak * 3)
     eig = result.get("eig")
@@ -567,10 +588,10 @@ def _density_figure(result: dict[str, Any], path: Path) -> None:
     title = f"Hessian spectrum: {s['model']} on {s['dataset']}, {s['num_examples']} {s['split']} examples, {s['mode']}"
     if eig and eig.get("bulk_ratio") is not None:
         title += f"\nλ1 = {eig['eigenvalues'][0]:.4g}, λ1/λ5 = {eig['bulk_ratio']:.3g}"
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(title)
+    ax.legend(loc="upper right")
     ax.grid(True, which="major", alpha=0.3)
-    save_figure(fig, path, dpi=120)
+    save_figure(fig, path)
 
 
 def _num(value: Any) -> str:

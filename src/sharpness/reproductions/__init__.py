@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sharpness.experiments.report import PAGE_STYLE, settings_table
 from sharpness.reproductions.base import Check, Reproduction, ci_decidable
 from sharpness.train.checkpoint import json_safe
 
@@ -53,12 +54,13 @@ def reproduce(name: str, out_dir: str | Path, *, quick: bool = False, seed: int 
         result.seconds = time.perf_counter() - started
         result.settings.setdefault("quick", quick)
         result.settings.setdefault("seed", seed)
-        (folder / "results.json").write_text(json.dumps(_jsonable(result), indent=2, allow_nan=False) + "\n")
-        (folder / "report.html").write_text(_page(result.title, [_section(result, folder)]))
+        text = json.dumps(_jsonable(result), indent=2, allow_nan=False, ensure_ascii=False)  # Σ as itself, not escaped
+        (folder / "results.json").write_text(text + "\n", encoding="utf-8")
+        (folder / "report.html").write_text(_page(result.title, [_section(result, folder)]), encoding="utf-8")
         results.append(result)
     if name == "all":
         sections = [_section(r, out_dir / r.name, prefix=f"{r.name}/") for r in results]
-        (out_dir / "report.html").write_text(_page("sharpness: reproductions", sections))
+        (out_dir / "report.html").write_text(_page("sharpness: reproductions", sections), encoding="utf-8")
     return results
 
 
@@ -90,6 +92,8 @@ def _jsonable(result: Reproduction) -> dict[str, Any]:
 
 
 def _section(result: Reproduction, folder: Path, prefix: str = "") -> str:
+    """One reproduction: its title and reference, the claims with their verdicts, the figures, then the settings (a
+    table, nested settings as tables in their cells) and the settings the paper leaves open."""
     rows = "".join(
         f"<tr><td>{'<b>FAIL</b>' if c.status == 'FAIL' else c.status}</td><td>{html.escape(c.claim)}</td>"
         f"<td>{html.escape(c.detail)}</td></tr>"
@@ -101,22 +105,18 @@ def _section(result: Reproduction, folder: Path, prefix: str = "") -> str:
     )
     notes = "".join(f"<li>{html.escape(a)}</li>" for a in result.assumptions)
     return (
-        f"<h2>{html.escape(result.title)}</h2><p>{html.escape(result.reference)}; {result.seconds:.1f} s; "
-        f"settings: <code>{html.escape(json.dumps(json_safe(result.settings, non_finite=str)))}</code></p>"
-        f"<table><tr><th>verdict</th><th>claim</th><th>numbers</th></tr>{rows}</table>"
-        + (f"<p>Settings the paper leaves open:</p><ul>{notes}</ul>" if notes else "")
+        f"<h2>{html.escape(result.title)}</h2><p>{html.escape(result.reference)}; {result.seconds:.1f} s</p>"
+        f"<table class=claims><tr><th>verdict</th><th>claim</th><th>numbers</th></tr>{rows}</table>"
         + figures
+        + f"<h3>Settings</h3>{settings_table(json_safe(result.settings, non_finite=str))}"
+        + (f"<p>Settings the paper leaves open:</p><ul>{notes}</ul>" if notes else "")
     )
 
 
 def _page(title: str, sections: list[str]) -> str:
-    style = (
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-    )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>\n"
+        f"<style>{PAGE_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>\n"
     )
 
 

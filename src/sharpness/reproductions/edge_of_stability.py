@@ -27,7 +27,7 @@ from sharpness.curvature import HessianOperator, gd_edge, sam_edge, top_eigenval
 from sharpness.curvature.optimizer_edges import optimizer_edge
 from sharpness.curvature.preconditioned import PreconditionedOperator, adaptive_preconditioner
 from sharpness.data import load_dataset
-from sharpness.experiments.figures import pyplot, save_figure
+from sharpness.experiments.figures import optimizer_colour, panels, pyplot, save_figure, shades
 from sharpness.models import build_model
 from sharpness.reproductions.base import Check, Findings, Paper, Reproduction, output_folder
 
@@ -124,7 +124,7 @@ def _train(
         g_norm = _flat_norm(grads)
         if k % every == 0:
             op = HessianOperator(model, square_loss, (x, y))
-            eig = top_eigenvalues(op, k=1, tol=tol, max_iter=max_iter, init=vector, generator=generator)
+            eig = top_eigenvalues(op, k=1, tol=tol, num_matvecs=max_iter, init=vector, generator=generator)
             vector = eig.eigenvectors[0]
             matvecs += eig.num_matvecs
             g_flat = torch.cat([g.reshape(-1) for g in grads])
@@ -190,35 +190,42 @@ def _label(rho: float) -> str:
     return "GD" if rho == 0 else f"SAM ρ={rho:g}"
 
 
+def _colours(rhos: list[float]) -> dict[float, Any]:
+    """GD in its colour, SAM's ρ values in shades of SAM's (lighter for smaller ρ)."""
+    sam = sorted(rho for rho in rhos if rho > 0)
+    return {0.0: optimizer_colour("gd"), **dict(zip(sam, shades(optimizer_colour("sam"), len(sam)), strict=True))}
+
+
 def _figure(path: Path, runs: dict[float, dict], eta: float, steps: int, title: str) -> Path:
+    """Per run λ_max against 2/η (and SAM's edge), the settled window shaded; last panel: |cos(g, v_1)| per run."""
     n = len(runs)
     cols = 3
     rows = math.ceil((n + 1) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+    fig, axes = panels(rows, cols, squeeze=False)
     axes = axes.ravel()
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = _colours(list(runs))
     start = (1.0 - SETTLED) * steps
     for i, (rho, trace) in enumerate(runs.items()):
         ax = axes[i]
-        ax.plot(trace["step"], trace["lambda_max"], color="tab:blue", lw=1, label="λ_max (Lanczos)")
+        ax.plot(trace["step"], trace["lambda_max"], color=colours[rho], lw=1, label="λ_max (Lanczos)")
         ax.axhline(gd_edge(eta), color="k", ls="--", lw=1, label="2/η")
         if rho > 0:
-            ax.plot(trace["step"], trace["edge"], color="tab:red", lw=1, alpha=0.8, label="SAM-edge(η, ρ, ||g||)")
+            ax.plot(trace["step"], trace["edge"], color="k", ls="-.", lw=1, alpha=0.8, label="SAM-edge(η, ρ, ||g||)")
         ax.axvspan(start, steps, color="grey", alpha=0.1, label="settled window")
         ax.set(xlabel="step", ylabel="sharpness", title=f"{_label(rho)}, η={eta:g}")
         ax.set_ylim(0, 1.3 * gd_edge(eta))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(loc="lower right")
     ax = axes[n]
-    for i, (rho, trace) in enumerate(runs.items()):
+    for rho, trace in runs.items():
         cos = np.asarray(trace["abs_cos"])
         width = max(1, len(cos) // 25)
         smooth = np.convolve(cos, np.ones(width) / width, mode="same")
-        ax.plot(trace["step"], smooth, color=colours[i % len(colours)], lw=1.2, label=_label(rho))
+        ax.plot(trace["step"], smooth, color=colours[rho], lw=1.2, label=_label(rho))
     ax.set(xlabel="step", ylabel="|cos(g, v_1)| (running mean)", title="alignment of g with the top eigenvector")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend()
     for ax in axes[n + 1 :]:
         ax.set_visible(False)
     fig.suptitle(title)
@@ -233,7 +240,7 @@ def _adam_measure(op: HessianOperator, opt: torch.optim.Adam, init: list, s: Set
     """Top eigenpairs of ``H`` and of ``P^{-1/2} H P^{-1/2}`` (``P`` from Adam's state), warm-started from ``init``."""
     preconditioned = PreconditionedOperator(op, adaptive_preconditioner(opt, op.params))
     return [
-        top_eigenvalues(operator, k=1, tol=s.tol, max_iter=s.max_iter, init=start, generator=generator)
+        top_eigenvalues(operator, k=1, tol=s.tol, num_matvecs=s.max_iter, init=start, generator=generator)
         for operator, start in ((op, init[0]), (preconditioned, init[1]))
     ]
 
@@ -298,14 +305,15 @@ def _adam_summary(trace: dict[str, list], s: Settings) -> dict[str, Any]:
 
 
 def _adam_figure(path: Path, trace: dict[str, list], s: Settings, title: str) -> Path:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8))
+    fig, (left, right) = panels(1, 2)
     steps = trace["step"]
     start = (1.0 - SETTLED) * s.adam_steps
-    left.plot(steps, trace["preconditioned_lambda_max"], color="tab:purple", lw=1, label="λ_max(P⁻¹H) (Lanczos)")
+    adam = optimizer_colour("adam")
+    left.plot(steps, trace["preconditioned_lambda_max"], color=adam, lw=1, label="λ_max(P⁻¹H) (Lanczos)")
     left.plot(steps, trace["edge"], color="k", ls="--", lw=1, label="38/η")
     left.set(xlabel="step", ylabel="preconditioned sharpness", title=f"Adam, η={s.adam_eta:g}")
     ratio = np.asarray(trace["preconditioned_lambda_max"]) / np.asarray(trace["edge"])
-    right.plot(steps, ratio, color="tab:purple", lw=1, label="λ_max(P⁻¹H) / (38/η)")
+    right.plot(steps, ratio, color=adam, lw=1, label="λ_max(P⁻¹H) / (38/η)")
     raw = np.asarray(trace["lambda_max"]) / gd_edge(s.adam_eta)
     right.plot(steps, raw, color="tab:blue", lw=1, label="λ_max(H) / (2/η)")
     right.axhline(1.0, color="k", ls="--", lw=1)
@@ -314,7 +322,7 @@ def _adam_figure(path: Path, trace: dict[str, list], s: Settings, title: str) ->
     for ax in (left, right):
         ax.axvspan(start, s.adam_steps, color="grey", alpha=0.1, label="settled window")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(loc="lower right")
     fig.suptitle(title)
     return save_figure(fig, path)
 

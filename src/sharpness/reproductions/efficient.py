@@ -36,7 +36,14 @@ import torch
 
 from sharpness.experiments.compare import RUNS_DIR, compare, load_runs, summarize
 from sharpness.experiments.config import CompareConfig, RunConfig
-from sharpness.experiments.figures import pyplot, save_figure
+from sharpness.experiments.figures import (
+    accuracy_errorbar,
+    integer_ticks,
+    optimizer_colour,
+    panels,
+    pyplot,
+    save_figure,
+)
 from sharpness.experiments.report import read_metrics
 from sharpness.reproductions.base import Check, Findings, Paper, Reproduction, ci_decidable, output_folder
 
@@ -280,41 +287,47 @@ def cost_check(table: dict[str, dict[str, Any]]) -> Check:
 
 # ---------------------------------------------------------------------------------------------- figures
 def _accuracy_figure(path: Path, table: dict[str, dict[str, Any]], title: str) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    """Test accuracy (mean ± 95% CI over seeds, bars cut to [0, 100] %) against passes per step and against CPU time
+    relative to SGD's; the grey band is SAM's 95% CI (cut to [0, 100] %)."""
+    fig, axes = panels(1, 2, sharey=True)
     sam = table["sam"]
-    band = (100 * (sam["test_acc_mean"] - sam["test_acc_ci95"]), 100 * (sam["test_acc_mean"] + sam["test_acc_ci95"]))
+    mean, half = 100 * sam["test_acc_mean"], 100 * sam["test_acc_ci95"]
+    band = (max(mean - half, 0.0), min(mean + half, 100.0))
     for ax, key, xlabel in (
         (axes[0], "passes_per_step", "forward/backward passes per step (mean over seeds)"),
         (axes[1], "cpu_vs_sgd", "training CPU time / SGD's on the same seed (median over seeds)"),
     ):
         ax.axhspan(*band, color="grey", alpha=0.15, label="SAM's 95% CI")
-        for i, (name, row) in enumerate(table.items()):
-            ax.errorbar(row[key], 100 * row["test_acc_mean"], yerr=100 * row["test_acc_ci95"], fmt="o", capsize=4,
-                        color=colours[i % len(colours)], label=LABELS[name])  # fmt: skip
+        for name, row in table.items():
+            accuracy_errorbar(ax, [row[key]], [100 * row["test_acc_mean"]], [100 * row["test_acc_ci95"]],
+                              linestyle="none", color=optimizer_colour(name), label=LABELS[name])  # fmt: skip
         ax.set(xlabel=xlabel)
         ax.grid(alpha=0.3)
     axes[0].set(ylabel="test accuracy % (mean ± 95% CI)")
-    axes[0].legend(fontsize=8)
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.suptitle(title)
     return save_figure(fig, path)
 
 
 def _fraction_figure(path: Path, schedules: dict[str, dict[str, Any]], title: str) -> Path:
-    fig, axes = plt.subplots(1, len(schedules), figsize=(5.5 * len(schedules), 4.2), squeeze=False)
+    """Per adaptive optimizer: the fraction of SAM steps per epoch, mean over seeds with its min–max band over seeds,
+    by quarter of training, and the normal model's prediction."""
+    fig, axes = panels(1, len(schedules), squeeze=False)
     for ax, (name, sched) in zip(axes[0], schedules.items(), strict=True):
         per_epoch = sched["epochs"]
         epochs = np.arange(1, len(per_epoch["measured_mean"]) + 1)
-        ax.fill_between(epochs, per_epoch["measured_min"], per_epoch["measured_max"], color="tab:blue", alpha=0.2,
+        colour = optimizer_colour(name)
+        ax.fill_between(epochs, per_epoch["measured_min"], per_epoch["measured_max"], color=colour, alpha=0.2,
                         label="measured, min–max over seeds")  # fmt: skip
-        ax.plot(epochs, per_epoch["measured_mean"], color="tab:blue", lw=1.5, label="measured, mean over seeds")
+        ax.plot(epochs, per_epoch["measured_mean"], color=colour, lw=1.5, label="measured, mean over seeds")
         ax.plot(epochs, per_epoch["normal"], "k--", lw=1.2, label="normal model: mean Φ(−c_t)")
         for (first, last), value in zip(sched["quarters"]["epochs"], sched["quarters"]["measured"], strict=True):
-            ax.hlines(value, first - 0.5, last + 0.5, color="tab:green", lw=2.5, alpha=0.8)
-        ax.plot([], [], color="tab:green", lw=2.5, label="measured, by quarter")
+            ax.hlines(value, first - 0.5, last + 0.5, color="0.3", lw=2.5, alpha=0.8)
+        ax.plot([], [], color="0.3", lw=2.5, label="measured, by quarter")
         ax.set(xlabel="epoch", ylabel="fraction of SAM steps in the epoch", title=LABELS[name], ylim=(0, 1))
+        integer_ticks(ax)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(loc="upper left")
     fig.suptitle(title)
     return save_figure(fig, path)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from sharpness.experiments.figures import pyplot, save_figure
+from sharpness.experiments.figures import optimizer_colour, panels, pyplot, save_figure
 from sharpness.reproductions.base import Check, Findings, Paper, Reproduction, output_folder
 from sharpness.theory import least_squares as ls
 
@@ -320,8 +320,8 @@ def normalized_sam_two_cycle(
 
 # ---------------------------------------------------------------------------------------------- figures
 def _risk_figure(path: Path, ks, closed: dict, sims: dict, title: str) -> Path:
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    colours = {"GD": "tab:blue", "SAM": "tab:red"}
+    fig, axes = panels(1, 3)
+    colours = {"GD": optimizer_colour("gd"), "SAM": optimizer_colour("sam")}
     k_sim = np.arange(len(sims["GD"].risk))
     shown = np.unique(np.geomspace(1, k_sim[-1], 18).astype(int))
     for ax, part in zip(axes, ("risk", "bias", "var"), strict=True):
@@ -334,27 +334,28 @@ def _risk_figure(path: Path, ks, closed: dict, sims: dict, title: str) -> Path:
         ax.set_xlabel("step k")
         ax.set_title({"risk": "in-sample risk", "bias": "bias²", "var": "variance"}[part])
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend()
     fig.suptitle(title)
     return save_figure(fig, path)
 
 
 def _early_stopping_figure(path: Path, s: Settings, p: Problem, optimum: dict[str, int]) -> Path:
     """The closed-form risks with each method's optimal stopping step, and the spectral filters at those steps."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for m, c in (("GD", "tab:blue"), ("SAM", "tab:red")):
+    fig, axes = panels(1, 2)
+    for m, c in (("GD", optimizer_colour("gd")), ("SAM", optimizer_colour("sam"))):
         axes[0].plot(p.ks[1:], p.closed[m]["risk"][1:], color=c, label=m)
         kk = optimum[m]
         axes[0].scatter([kk], [p.closed[m]["risk"][kk]], color=c, zorder=3, label=f"{m} optimum k={kk}")
     axes[0].axhline(float(p.closed["GD"]["risk"][-1]), color="grey", ls=":", label="limit (min-norm solution)")
     axes[0].set(xscale="log", xlabel="step k", ylabel="in-sample risk", title="early-stopping crossover")
-    axes[0].legend(fontsize=8)
+    axes[0].legend()
     grid = np.geomspace(p.lam[-1], p.lam[0], 200)
     k_gd, k_sam = optimum["GD"], optimum["SAM"]
-    axes[1].plot(grid, ls.gd_filter(grid, k_gd, s.eta), color="tab:blue", label=f"GD φ_k, k={k_gd}")
-    axes[1].plot(grid, ls.sam_filter(grid, k_sam, s.eta, s.rho), color="tab:red", label=f"SAM φ_k, k={k_sam}")
+    gd_filter, sam_filter = ls.gd_filter(grid, k_gd, s.eta), ls.sam_filter(grid, k_sam, s.eta, s.rho)
+    axes[1].plot(grid, gd_filter, color=optimizer_colour("gd"), label=f"GD φ_k, k={k_gd}")
+    axes[1].plot(grid, sam_filter, color=optimizer_colour("sam"), label=f"SAM φ_k, k={k_sam}")
     axes[1].set(xscale="log", xlabel="eigenvalue λ", ylabel="φ_k(λ)", title="filters at the optimal stopping steps")
-    axes[1].legend(fontsize=8)
+    axes[1].legend()
     for ax in axes:
         ax.grid(alpha=0.3)
     return save_figure(fig, path)
@@ -366,20 +367,20 @@ def _cycle_and_divergence_figure(
     """Normalised SAM's ``beta_k - beta_hat`` (``offsets``) along and across ``v1``; the divergence error curves."""
     proj = offsets @ v1
     rest = np.linalg.norm(offsets - np.outer(proj, v1), axis=1)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = panels(1, 2)
     kk = np.arange(len(proj))
     axes[0].semilogy(kk, np.abs(proj), lw=0.8, color="tab:red", label="|⟨β_k − β̂, v_1⟩| (sign alternates)")
     axes[0].semilogy(kk, np.maximum(rest, 1e-300), lw=0.8, color="tab:blue", label="‖component orthogonal to v_1‖")
     axes[0].axhline(predicted, color="k", ls=":", lw=0.8, label="ηρλ/(2−ηλ)")
     axes[0].set_ylim(1e-16, None)
     axes[0].set(xlabel="step k", title="normalised SAM: 2-cycle along v_1")
-    axes[0].legend(fontsize=8)
+    axes[0].legend()
     labels = {"sam_below": f"SAM η = (1−{s.div_delta}) η_c", "sam_above": f"SAM η = (1+{s.div_delta}) η_c",
               "gd_above": f"GD η = (1+{s.div_delta}) η_c"}  # fmt: skip
     for key, label in labels.items():
         axes[1].semilogy(divergence[key] / divergence[key][0], label=label)
     axes[1].set(xlabel="step k", ylabel="‖β_k − β̂‖ / ‖β_0 − β̂‖", title="divergence threshold ηλ(1+ρλ) = 2")
-    axes[1].legend(fontsize=8)
+    axes[1].legend()
     for ax in axes:
         ax.grid(alpha=0.3)
     return save_figure(fig, path)

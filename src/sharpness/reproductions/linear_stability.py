@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from sharpness.curvature import ntk_quantities, sgd_frobenius_bound
-from sharpness.experiments.figures import pyplot, save_figure
+from sharpness.experiments.figures import panels, pyplot, save_figure
 from sharpness.experiments.stats import spearman
 from sharpness.reproductions.base import Check, Findings, Paper, Reproduction, output_folder
 
@@ -349,20 +349,20 @@ def mlp_frobenius_bound_and_trends(s: Settings, records: list[dict[str, Any]], o
 # ---------------------------------------------------------------------------------------------- figures
 def _threshold_figure(path: Path, s: Settings, eta_star: float, sims: dict, exacts: dict) -> Path:
     """Simulated and exact ``E||P(w_k - w*)||²`` (relative to step 0) just below and just above ``η*``."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = panels()
     for f, c in zip(s.factors, ("tab:blue", "tab:red"), strict=True):
         ax.semilogy(sims[f] / sims[f][0], color=c, label=f"simulated, η = {f} η*")
         ax.semilogy(exacts[f] / exacts[f][0], color=c, ls="--", label=f"exact second moment, η = {f} η*")
     ax.set(xlabel="step k", ylabel="E‖P(w_k − w*)‖² / E‖P(w_0 − w*)‖²",
            title=f"least squares n={s.n_lin}, d={s.d_lin}, B={s.b_lin}: η* = {eta_star:.4f}")  # fmt: skip
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend()
     return save_figure(fig, path)
 
 
 def _frobenius_figure(path: Path, s: Settings, conv: list[dict[str, Any]]) -> Path:
     """``||H||_F`` of the converged runs against ``√B/η``, with the bound at the median ``μ̂``."""
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = panels()
     cmap = plt.get_cmap("viridis")
     for i, batch in enumerate(s.batches):
         pts = [r for r in conv if r["batch"] == batch]
@@ -375,7 +375,7 @@ def _frobenius_figure(path: Path, s: Settings, conv: list[dict[str, Any]]) -> Pa
     ax.set(xscale="log", yscale="log", xlabel="√B / η", ylabel="‖H‖_F at convergence",
            title="tanh MLP, SGD to interpolation")  # fmt: skip
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend()
     return save_figure(fig, path)
 
 

@@ -34,7 +34,14 @@ import torch
 from sharpness.curvature import HessianOperator, bulk_ratio, m_sharpness, top_eigenvalues
 from sharpness.data import load_dataset
 from sharpness.experiments.config import RunConfig
-from sharpness.experiments.figures import pyplot, save_figure
+from sharpness.experiments.figures import (
+    accuracy_errorbar,
+    integer_ticks,
+    optimizer_colour,
+    panels,
+    pyplot,
+    save_figure,
+)
 from sharpness.experiments.runner import build_trainer
 from sharpness.experiments.stats import kendall_tau, mean_ci95
 from sharpness.reproductions.base import Check, Findings, Paper, Reproduction, output_folder
@@ -99,7 +106,7 @@ QUICK = Plan(  # the same schedule on a smaller training set
     measure_m=(8, 256),
     sharpness_steps=5,
 )
-LANCZOS = {"k": 5, "tol": 1e-4, "max_iter": 100}
+LANCZOS = {"k": 5, "tol": 1e-4, "num_matvecs": 100}
 
 
 @dataclass(frozen=True)
@@ -413,21 +420,16 @@ def _half(stat: dict[str, float]) -> float:
 
 
 def _errorbar(ax, xs, stats, **kwargs) -> None:
-    ax.errorbar(
-        xs,
-        [100 * s["mean"] for s in stats],
-        yerr=[100 * _half(s) for s in stats],
-        capsize=3,
-        marker="o",
-        **kwargs,
-    )
+    """Test accuracy % at ``xs``: the mean over seeds with its 95% CI, bars cut to [0, 100] % (none for one seed)."""
+    accuracy_errorbar(ax, xs, [100 * s["mean"] for s in stats], [100 * _half(s) for s in stats], **kwargs)
 
 
 def _noise_figure(path: Path, plan: Plan, accuracy: dict[str, dict]) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = panels()
     levels = list(plan.noise_levels)
     for name in ("SGD", "SAM"):
-        _errorbar(ax, [100 * n for n in levels], [accuracy[f"{name} noise={n:g}"] for n in levels], label=name)
+        stats = [accuracy[f"{name} noise={n:g}"] for n in levels]
+        _errorbar(ax, [100 * n for n in levels], stats, label=name, color=optimizer_colour(name))
     ax.set_xlabel("label noise (% of training labels)")
     ax.set_ylabel("test accuracy % (mean ± 95% CI)")
     ax.set_title("MNIST-1D, cnn1d: SGD vs SAM under label noise")
@@ -436,12 +438,13 @@ def _noise_figure(path: Path, plan: Plan, accuracy: dict[str, dict]) -> Path:
 
 
 def _spectrum_figure(path: Path, spectrum: dict[str, dict]) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = panels()
     for label, entry in spectrum.items():
         values = entry["eigenvalues_mean"]
-        ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=label, color=optimizer_colour(label))
     ax.set_yscale("log")
     ax.set_xlabel("eigenvalue index i")
+    integer_ticks(ax)
     ax.set_ylabel("λ_i (mean over seeds)")
     ax.set_title("Top Hessian eigenvalues at the end of training")
     ax.legend()
@@ -449,10 +452,10 @@ def _spectrum_figure(path: Path, spectrum: dict[str, dict]) -> Path:
 
 
 def _m_figure(path: Path, m_accuracy, tau, models, small_m: int, sgd: dict) -> Path:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = panels(1, 3)
     ms = list(m_accuracy)
-    _errorbar(axes[0], ms, [m_accuracy[m] for m in ms], label="m-SAM")
-    axes[0].axhline(100 * sgd["mean"], color="gray", linestyle="--", label="SGD")
+    _errorbar(axes[0], ms, [m_accuracy[m] for m in ms], label="m-SAM", color=optimizer_colour("m-SAM"))
+    axes[0].axhline(100 * sgd["mean"], color=optimizer_colour("sgd"), linestyle="--", label="SGD")
     axes[0].set_xscale("log", base=2)
     axes[0].set_xlabel("m (examples per perturbation)")
     axes[0].set_ylabel("test accuracy % (mean ± 95% CI)")

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sharpness._deprecation import renamed_arguments, renamed_attribute
 from sharpness.checks import check_integer
 from sharpness.curvature.eigen import EigenResult, top_eigenvalues
 from sharpness.curvature.operator import HessianOperator
@@ -69,10 +70,14 @@ class SharpnessTracker(Callback):
         run_dir: if given, each measurement is appended to ``run_dir/sharpness.jsonl`` (rewritten from the saved
             rows when a run resumes).
         measure_size: the measurement set is the first ``measure_size`` training examples (fixed for the run).
-        tol, max_iter: Lanczos tolerance (relative residual) and iteration cap per eigenvalue.
+        tol, num_matvecs: Lanczos tolerance (relative residual) and the most Hessian-vector products per
+            eigenvalue (deprecated alias: ``max_iter``).
         mode: ``"eval"`` or ``"train"`` Hessian (see :func:`sharpness.curvature.state.measurement_mode`).
     """
 
+    max_iter = renamed_attribute("max_iter", "num_matvecs")
+
+    @renamed_arguments(max_iter="num_matvecs")
     def __init__(
         self,
         every: int,
@@ -80,12 +85,12 @@ class SharpnessTracker(Callback):
         run_dir: str | Path | None = None,
         measure_size: int = 512,
         tol: float = 1e-3,
-        max_iter: int = 30,
+        num_matvecs: int = 30,
         mode: Mode = "eval",
     ) -> None:
         self.every = check_integer(every, "every", owner="SharpnessTracker", low=1)
         self.measure_size = check_integer(measure_size, "measure_size", owner="SharpnessTracker", low=1)
-        self.tol, self.max_iter, self.mode = tol, max_iter, mode
+        self.tol, self.num_matvecs, self.mode = tol, num_matvecs, mode
         self.path = Path(run_dir) / TRACKING_NAME if run_dir is not None else None
         self.rows: list[dict[str, Any]] = []
         self._vector: torch.Tensor | None = None  # warm starts: the last top eigenvector of H ...
@@ -152,7 +157,7 @@ class SharpnessTracker(Callback):
         return row
 
     def _top(self, op: HessianOperator | PreconditionedOperator, init: torch.Tensor | None) -> EigenResult:
-        return top_eigenvalues(op, k=1, tol=self.tol, max_iter=self.max_iter, init=init)
+        return top_eigenvalues(op, k=1, tol=self.tol, num_matvecs=self.num_matvecs, init=init)
 
     def _edges(self, trainer: Trainer, grad_norm: float) -> tuple[StabilityEdge, dict[str, float]]:
         """The edge to report and, for a switching policy, the fields of both step types (see the class)."""
