@@ -38,14 +38,16 @@ FRONTIER_FIGURE = "frontier.png"
 RISE = "sam_loss_rise"  # the epoch records' first-order sharpness estimate (sharpness.train.loop)
 PAGE_STYLE = (
     "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-    "table{border-collapse:collapse;margin:.5em 0;max-width:100%}"
-    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;vertical-align:top;overflow-wrap:anywhere}"
+    "table{border-collapse:collapse;margin:.5em 0;max-width:100%;display:block;overflow-x:auto}"
+    "td table{display:table}"
+    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;vertical-align:top;overflow-wrap:break-word}"
     "th{background:#f4f4f4}td.text,th.key,.claims td,.claims th{text-align:left}td table{margin:0;width:100%}"
     ".claims td:first-child{white-space:nowrap}"
     "img{max-width:100%;height:auto;display:block;margin:.5em 0}"
     "pre{background:#f6f6f6;padding:1em;overflow-x:auto;white-space:pre-wrap;overflow-wrap:anywhere}"
 )
-"""The CSS of every HTML report: long words and numbers in table cells wrap instead of overflowing."""
+"""The CSS of every HTML report. Cells wrap at spaces and never split a number or a word (``break-word`` leaves a
+column at least as wide as its longest word); a table wider than the page scrolls inside its own box."""
 
 
 def _sharpness_section(tracked: bool) -> list[str]:
