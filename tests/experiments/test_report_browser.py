@@ -79,8 +79,19 @@ _LAYOUT_JS = """() => {
     .filter((c) => c.scrollWidth > c.clientWidth + 1 || c.scrollHeight > c.clientHeight + 1 || sticksOut(c))
     .map((c) => `${c.tagName.toLowerCase()} "${describe(c)}": content ${c.scrollWidth}x${c.scrollHeight} px ` +
                 `in a ${c.clientWidth}x${c.clientHeight} px cell`);
+  // A number or a word (a cell's whole text, letters, digits, '_', '.', ',', '%' and a sign: nowhere a line may
+  // break) broken over two lines: its text boxes have different tops.
+  const split = [...document.querySelectorAll('td, th')]
+    .filter((c) => c.children.length === 0 && /^[-+]?[\\w.,%]+$/.test(c.textContent.trim()))
+    .filter((c) => {
+      const range = document.createRange();
+      range.selectNodeContents(c);
+      return new Set([...range.getClientRects()].filter((r) => r.width > 0).map((r) => Math.round(r.top))).size > 1;
+    })
+    .map((c) => `${c.tagName.toLowerCase()} "${describe(c)}" is broken over lines`);
   const root = document.documentElement;
-  return {images, cells, pageWidth: root.scrollWidth, viewWidth: root.clientWidth, imageCount: document.images.length};
+  return {images, cells, split, pageWidth: root.scrollWidth, viewWidth: root.clientWidth,
+          imageCount: document.images.length};
 }"""
 
 
@@ -108,7 +119,8 @@ def check_report(browser, html: Path, screenshot: Path) -> list[tuple[str, str]]
     """Open ``html`` by file:// URL, screenshot the full page into ``screenshot``, and return its problems as
     ``(kind, detail)`` pairs; kinds: ``request`` (a request outside the report's folder: network, or a file elsewhere;
     blocked), ``console`` (console message of type error), ``pageerror`` (uncaught exception), ``image`` (an <img> that
-    did not load), ``cell`` (content overflowing its td/th), ``page`` (the page scrolls sideways), ``screenshot``."""
+    did not load), ``cell`` (content overflowing its td/th), ``split`` (a number or word in a cell broken over lines),
+    ``page`` (the page scrolls sideways), ``screenshot``."""
     html = html.resolve()
     folder = html.parent
     problems: list[tuple[str, str]] = []
@@ -142,6 +154,7 @@ def check_report(browser, html: Path, screenshot: Path) -> list[tuple[str, str]]
         context.close()
     problems += [("image", f"<img src={src!r}> did not load") for src in layout["images"]]
     problems += [("cell", detail) for detail in layout["cells"]]
+    problems += [("split", detail) for detail in layout["split"]]
     if layout["pageWidth"] > layout["viewWidth"] + 1:
         problems.append(("page", f"scrolls sideways: {layout['pageWidth']} px wide in a {layout['viewWidth']} px view"))
     return problems
@@ -211,6 +224,8 @@ _FAULTS = {
     "pageerror": "<script>throw new Error('boom')</script>",
     "request": "<img src='http://example.invalid/figure.png'>",
     "page": "<div style='width:3000px'>wide</div>",
+    "split": "<table style='width:60px'><tr><td style='overflow-wrap:anywhere'>0.0500000</td>"
+    "<td style='overflow-wrap:anywhere'>94.43</td></tr></table>",
 }
 
 
@@ -238,3 +253,15 @@ def test_checker_blocks_files_outside_the_report_folder(browser, tmp_path: Path,
     problems = check_report(browser, html, tmp_path / "shot.png")
     assert ("request", (tmp_path / "elsewhere.png").as_uri()) in problems
     assert any(kind == "image" for kind, _ in problems), problems
+
+
+def test_the_report_style_keeps_numbers_whole_in_a_table_wider_than_the_page(browser, tmp_path: Path, deadline) -> None:
+    """The compare summary once split ``0.05`` over two lines (``overflow-wrap:anywhere`` in a 14-column table):
+    with the reports' own CSS, a table of 24 numeric columns scrolls in its box; no number is broken, nothing
+    overflows, the page does not scroll sideways."""
+    from sharpness.experiments.report import PAGE_STYLE
+
+    head = "".join(f"<th>test acc % (95% CI) {i}</th>" for i in range(24))
+    cells = "".join("<td>0.05</td>" if i % 2 else "<td>94.43±1.23</td>" for i in range(24))
+    extra = f"<style>{PAGE_STYLE}</style><table><tr>{head}</tr><tr>{cells}</tr></table>"
+    assert check_report(browser, _page(tmp_path / "wide", extra), tmp_path / "wide.png") == []
