@@ -207,3 +207,40 @@ def test_the_sharpness_figure_marks_an_infinite_edge(tmp_path: Path, monkeypatch
     assert list(marker.get_xdata()) == [8] and marker.get_label() == "sgd: edge = ∞ (learning rate 0)"
     assert ax.get_ylim()[1] < 1e3  # the 4e6 edge just before lr = 0 leaves the panel instead of squashing it
     assert to_hex(ax.lines[0].get_color()) == OPTIMIZER_COLOURS["sgd"]
+
+
+def test_the_style_applies_to_the_packages_figures_and_leaves_the_callers_settings_alone() -> None:
+    import importlib
+
+    import matplotlib
+
+    for module in ("sharpness.reproductions.sam", "sharpness.reproductions.efficient", "sharpness.experiments.measure"):
+        importlib.import_module(module)
+    with matplotlib.rc_context({"font.size": 13.0, "legend.fontsize": 13.0}):
+        plt = figures.pyplot()
+
+        @figures.styled
+        def draw() -> tuple[float, float, float]:
+            fig, ax = figures.panels()
+            ax.plot([1, 2], [1, 2], label="sgd")
+            sizes = ax.xaxis.label.get_size(), ax.legend().get_texts()[0].get_fontsize(), fig.get_figwidth()
+            plt.close(fig)
+            return sizes
+
+        assert draw() == (figures.STYLE["axes.labelsize"], figures.STYLE["legend.fontsize"], figures.PANEL[0])
+        assert matplotlib.rcParams["font.size"] == 13.0  # the caller's setting, untouched by import or drawing
+
+
+def test_every_function_that_saves_a_figure_draws_in_the_style() -> None:
+    import ast
+
+    package = Path(figures.__file__).parents[1]
+    unstyled = []
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name != "save_figure":
+                calls = {c.func.id for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
+                decorators = {d.id for d in node.decorator_list if isinstance(d, ast.Name)}
+                if "save_figure" in calls and "styled" not in decorators:
+                    unstyled.append(f"{path.relative_to(package)}:{node.name}")
+    assert not unstyled, f"figure functions without @styled: {unstyled}"

@@ -2,7 +2,7 @@
 
 Matplotlib runs without a display (the Agg backend). Everything a reader compares across figures is set here:
 
-- the size of a panel (:data:`PANEL`, inches) and font sizes relative to it (:data:`STYLE`, applied by :func:`pyplot`);
+- the size of a panel (:data:`PANEL`, inches) and font sizes relative to it (:data:`STYLE`, applied by :func:`styled`);
   :func:`panels` makes a grid of panels of that size;
 - one colour per optimizer (:func:`optimizer_colour`), the same in every figure and report, with a deterministic
   colour for a name it does not know;
@@ -19,9 +19,9 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -45,7 +45,7 @@ STYLE = {
     "errorbar.capsize": 3.0,
     "savefig.dpi": DPI,
 }
-"""Font sizes fit a :data:`PANEL`-sized panel (a 9 pt text is 1/29 of its height); set by :func:`pyplot`."""
+"""Font sizes fit a :data:`PANEL`-sized panel (a 9 pt text is 1/29 of its height); set by :func:`styled`."""
 
 OPTIMIZER_COLOURS = {
     "sgd": "#1f77b4",  # blue; also plain gradient descent ("gd")
@@ -63,20 +63,34 @@ OPTIMIZER_COLOURS = {
     "adam": "#9467bd",
 }
 """The colour of each optimizer in every figure (hex RGB); :func:`optimizer_colour` reads it."""
+P = ParamSpec("P")
+R = TypeVar("R")
 _ALIASES = {"gd": "sgd", "adamw": "adam", "msgd": "sgd"}
 _FALLBACK = ("#7b4173", "#a55194", "#ce6dbd", "#843c39", "#ad494a", "#e7969c", "#5254a3", "#6b6ecf", "#3182bd",
              "#e6550d", "#31a354", "#756bb1")  # fmt: skip
 
 
 def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the Agg backend with :data:`STYLE` (no display needed; imported on first use)."""
+    """``matplotlib.pyplot`` on the Agg backend (no display needed; imported on first use). The style is not set
+    here: :func:`styled` applies it to the package's own figures only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update(STYLE)
     return plt
+
+
+def styled(draw: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a function that draws and saves a figure: it runs with :data:`STYLE` in a ``matplotlib.rc_context``,
+    so every figure of the package has the one style and a caller's own matplotlib settings are left alone."""
+
+    @functools.wraps(draw)
+    def in_style(*args: P.args, **kwargs: P.kwargs) -> R:
+        with pyplot().rc_context(STYLE):
+            return draw(*args, **kwargs)
+
+    return in_style
 
 
 def figure_size(rows: int = 1, cols: float = 1) -> tuple[float, float]:

@@ -45,7 +45,7 @@ from sharpness.curvature import (
 )
 from sharpness.experiments.compare import RUNS_DIR
 from sharpness.experiments.config import RunConfig, build_config, check_choice, check_integer, check_number
-from sharpness.experiments.figures import panels, save_figure
+from sharpness.experiments.figures import panels, save_figure, styled
 from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME, LAUNCH_RECORD, load_data
 from sharpness.models import build_model
 from sharpness.train import CHECKPOINT_NAME, load_checkpoint, load_weights, read_json, write_json
@@ -566,6 +566,7 @@ ESTIMATORS: dict[str, Callable[[_Job], dict[str, Any]]] = {
 # ----------------------------------------------------------------------------- output
 
 
+@styled
 def _density_figure(result: dict[str, Any], path: Path) -> None:
     """Log-density against eigenvalue (the SAM paper's Hessian-spectrum plots), top eigenvalues marked."""
     dens = result["density"]

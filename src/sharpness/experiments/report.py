@@ -27,6 +27,7 @@ from sharpness.experiments.figures import (
     optimizer_colour,
     panels,
     save_figure,
+    styled,
 )
 from sharpness.experiments.runner import CONFIG_NAME, FINAL_NAME
 from sharpness.train import read_json, write_json
@@ -138,6 +139,7 @@ def draw_curves(axes: Any, series: dict[str, list[list[dict[str, Any]]]], keys: 
     return bands
 
 
+@styled
 def _curves_figure(series: dict[str, list[list[dict[str, Any]]]], path: Path, title: str) -> None:
     """Test accuracy % (or loss), training loss and, when a run has it, SAM's loss rise L(w + ε) − L(w) per epoch;
     one line per label, mean over its runs with the band of its 95% CI (:func:`draw_curves`)."""
@@ -161,6 +163,7 @@ def _curves_figure(series: dict[str, list[list[dict[str, Any]]]], path: Path, ti
     save_figure(fig, path)
 
 
+@styled
 def _frontier_figure(summary: dict[str, Any], path: Path, title: str) -> bool:
     """Test accuracy (mean over seeds ± half-width of its 95% CI, the table's; bars cut to [0, 100] %) against the
     cost of a step: forward/backward passes per step and, when SGD is compared and the runs recorded CPU time, the
@@ -187,6 +190,7 @@ def _frontier_figure(summary: dict[str, Any], path: Path, title: str) -> bool:
     return True
 
 
+@styled
 def _sharpness_figure(series: dict[str, Path], path: Path, title: str) -> bool:
     """λ_max (solid; λ_max(P⁻¹H) dotted for an adaptive optimizer) and the stability edge (dashed) per step, in each
     optimizer's colour; False when no run tracked sharpness. Where the learning rate reaches 0 the edge (∝ 1/η) is

@@ -27,7 +27,7 @@ from sharpness.curvature import HessianOperator, gd_edge, sam_edge, top_eigenval
 from sharpness.curvature.optimizer_edges import optimizer_edge
 from sharpness.curvature.preconditioned import PreconditionedOperator, adaptive_preconditioner
 from sharpness.data import load_dataset
-from sharpness.experiments.figures import optimizer_colour, panels, pyplot, save_figure, shades
+from sharpness.experiments.figures import optimizer_colour, panels, pyplot, save_figure, shades, styled
 from sharpness.models import build_model
 from sharpness.reproductions.base import Check, Findings, Paper, Reproduction, output_folder
 
@@ -196,6 +196,7 @@ def _colours(rhos: list[float]) -> dict[float, Any]:
     return {0.0: optimizer_colour("gd"), **dict(zip(sam, shades(optimizer_colour("sam"), len(sam)), strict=True))}
 
 
+@styled
 def _figure(path: Path, runs: dict[float, dict], eta: float, steps: int, title: str) -> Path:
     """Per run λ_max against 2/η (and SAM's edge), the settled window shaded; last panel: |cos(g, v_1)| per run."""
     n = len(runs)
@@ -304,6 +305,7 @@ def _adam_summary(trace: dict[str, list], s: Settings) -> dict[str, Any]:
     }
 
 
+@styled
 def _adam_figure(path: Path, trace: dict[str, list], s: Settings, title: str) -> Path:
     fig, (left, right) = panels(1, 2)
     steps = trace["step"]

@@ -43,6 +43,7 @@ from sharpness.experiments.figures import (
     panels,
     pyplot,
     save_figure,
+    styled,
 )
 from sharpness.experiments.report import read_metrics
 from sharpness.reproductions.base import Check, Findings, Paper, Reproduction, ci_decidable, output_folder
@@ -286,6 +287,7 @@ def cost_check(table: dict[str, dict[str, Any]]) -> Check:
 
 
 # ---------------------------------------------------------------------------------------------- figures
+@styled
 def _accuracy_figure(path: Path, table: dict[str, dict[str, Any]], title: str) -> Path:
     """Test accuracy (mean ± 95% CI over seeds, bars cut to [0, 100] %) against passes per step and against CPU time
     relative to SGD's; the grey band is SAM's 95% CI (cut to [0, 100] %)."""
@@ -309,6 +311,7 @@ def _accuracy_figure(path: Path, table: dict[str, dict[str, Any]], title: str) -
     return save_figure(fig, path)
 
 
+@styled
 def _fraction_figure(path: Path, schedules: dict[str, dict[str, Any]], title: str) -> Path:
     """Per adaptive optimizer: the fraction of SAM steps per epoch, mean over seeds with its min–max band over seeds,
     by quarter of training, and the normal model's prediction."""

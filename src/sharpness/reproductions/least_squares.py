@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from sharpness.experiments.figures import optimizer_colour, panels, pyplot, save_figure
+from sharpness.experiments.figures import optimizer_colour, panels, pyplot, save_figure, styled
 from sharpness.reproductions.base import Check, Findings, Paper, Reproduction, output_folder
 from sharpness.theory import least_squares as ls
 
@@ -319,6 +319,7 @@ def normalized_sam_two_cycle(
 
 
 # ---------------------------------------------------------------------------------------------- figures
+@styled
 def _risk_figure(path: Path, ks, closed: dict, sims: dict, title: str) -> Path:
     fig, axes = panels(1, 3)
     colours = {"GD": optimizer_colour("gd"), "SAM": optimizer_colour("sam")}
@@ -339,6 +340,7 @@ def _risk_figure(path: Path, ks, closed: dict, sims: dict, title: str) -> Path:
     return save_figure(fig, path)
 
 
+@styled
 def _early_stopping_figure(path: Path, s: Settings, p: Problem, optimum: dict[str, int]) -> Path:
     """The closed-form risks with each method's optimal stopping step, and the spectral filters at those steps."""
     fig, axes = panels(1, 2)
@@ -361,6 +363,7 @@ def _early_stopping_figure(path: Path, s: Settings, p: Problem, optimum: dict[st
     return save_figure(fig, path)
 
 
+@styled
 def _cycle_and_divergence_figure(
     path: Path, s: Settings, offsets: np.ndarray, v1: np.ndarray, predicted: float, divergence: dict[str, np.ndarray]
 ) -> Path:

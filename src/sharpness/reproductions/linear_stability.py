@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from sharpness.curvature import ntk_quantities, sgd_frobenius_bound
-from sharpness.experiments.figures import panels, pyplot, save_figure
+from sharpness.experiments.figures import panels, pyplot, save_figure, styled
 from sharpness.experiments.stats import spearman
 from sharpness.reproductions.base import Check, Findings, Paper, Reproduction, output_folder
 
@@ -347,6 +347,7 @@ def mlp_frobenius_bound_and_trends(s: Settings, records: list[dict[str, Any]], o
 
 
 # ---------------------------------------------------------------------------------------------- figures
+@styled
 def _threshold_figure(path: Path, s: Settings, eta_star: float, sims: dict, exacts: dict) -> Path:
     """Simulated and exact ``E||P(w_k - w*)||²`` (relative to step 0) just below and just above ``η*``."""
     fig, ax = panels()
@@ -360,6 +361,7 @@ def _threshold_figure(path: Path, s: Settings, eta_star: float, sims: dict, exac
     return save_figure(fig, path)
 
 
+@styled
 def _frobenius_figure(path: Path, s: Settings, conv: list[dict[str, Any]]) -> Path:
     """``||H||_F`` of the converged runs against ``√B/η``, with the bound at the median ``μ̂``."""
     fig, ax = panels()

@@ -41,6 +41,7 @@ from sharpness.experiments.figures import (
     panels,
     pyplot,
     save_figure,
+    styled,
 )
 from sharpness.experiments.runner import build_trainer
 from sharpness.experiments.stats import kendall_tau, mean_ci95
@@ -424,6 +425,7 @@ def _errorbar(ax, xs, stats, **kwargs) -> None:
     accuracy_errorbar(ax, xs, [100 * s["mean"] for s in stats], [100 * _half(s) for s in stats], **kwargs)
 
 
+@styled
 def _noise_figure(path: Path, plan: Plan, accuracy: dict[str, dict]) -> Path:
     fig, ax = panels()
     levels = list(plan.noise_levels)
@@ -437,6 +439,7 @@ def _noise_figure(path: Path, plan: Plan, accuracy: dict[str, dict]) -> Path:
     return save_figure(fig, path)
 
 
+@styled
 def _spectrum_figure(path: Path, spectrum: dict[str, dict]) -> Path:
     fig, ax = panels()
     for label, entry in spectrum.items():
@@ -451,6 +454,7 @@ def _spectrum_figure(path: Path, spectrum: dict[str, dict]) -> Path:
     return save_figure(fig, path)
 
 
+@styled
 def _m_figure(path: Path, m_accuracy, tau, models, small_m: int, sgd: dict) -> Path:
     fig, axes = panels(1, 3)
     ms = list(m_accuracy)
