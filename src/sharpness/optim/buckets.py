@@ -11,7 +11,7 @@ from torch import Tensor
 
 from sharpness.optim.ascent import Perturbation
 from sharpness.optim.groups import fill_group
-from sharpness.optim.sharding import ShardReduce, is_sharded
+from sharpness.optim.sharding import ShardReduce, is_sharded, local_shard
 
 
 @dataclass
@@ -112,8 +112,7 @@ def _arithmetic_views(param: Tensor) -> tuple[Tensor, Tensor]:
             f"SAM does not support sparse gradients (parameter of shape {tuple(param.shape)}); "
             "use dense gradients, e.g. nn.Embedding(..., sparse=False)"
         )
-    if is_sharded(tensor):
-        tensor, grad = tensor.to_local(), grad.to_local()
+    tensor, grad = local_shard(tensor), local_shard(grad)
     if tensor.is_complex():
         tensor, grad = torch.view_as_real(tensor), torch.view_as_real(grad)
     return tensor, grad

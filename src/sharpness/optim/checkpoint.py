@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from sharpness.optim.groups import fill_group, upgrade_group
-from sharpness.optim.sharding import is_sharded
+from sharpness.optim.sharding import is_sharded, local_shard
 
 if TYPE_CHECKING:
     from sharpness.optim.sam import SAM
@@ -66,7 +66,7 @@ def _zeros_like_local(param: Tensor) -> Tensor:
     ``torch.distributed.checkpoint`` (which loads only the entries its template has) the same entries before the
     first SAM step as after it.
     """
-    local = param.to_local() if is_sharded(param) else param
+    local = local_shard(param)
     local = torch.view_as_real(local) if local.is_complex() else local
     return torch.zeros_like(local.detach())
 
@@ -78,10 +78,6 @@ def _global(local: Tensor, param: Tensor) -> Tensor:
     from torch.distributed.tensor import DTensor
 
     return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
-
-
-def _local(saved: Tensor) -> Tensor:
-    return saved.to_local() if is_sharded(saved) else saved
 
 
 def _param_order(opt: SAM) -> list[Any]:
@@ -107,7 +103,7 @@ def split_state_dict(state_dict: Any, base_defaults: Mapping[str, Any]) -> tuple
     per_param = {key: dict(entry) for key, entry in state_dict["state"].items()}
     # keys are whatever the saved groups list as "params" (indices; parameter names after DCP): g_v by position
     position = {key: i for i, key in enumerate(key for group in groups for key in group["params"])}
-    g_v = {position[key]: _local(entry.pop(G_V_KEY)) for key, entry in per_param.items() if G_V_KEY in entry}
+    g_v = {position[key]: local_shard(entry.pop(G_V_KEY)) for key, entry in per_param.items() if G_V_KEY in entry}
     base = {**state_dict, "state": per_param, "param_groups": groups}
     if sam is None:
         _warn_no_sam_state()

@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 from sharpness.checks import check_integer, check_real, is_integer, is_real
 from sharpness.optim.buckets import shard_reduce
 from sharpness.optim.perturbation import all_finite
-from sharpness.optim.sharding import is_sharded
+from sharpness.optim.sharding import local_shard
 from sharpness.optim.snapshot import TensorSnapshot
 
 NORM_EPS = 1e-12
@@ -195,7 +195,7 @@ class MSAM(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads = [_local(p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [local_shard(p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not all_finite(grads, self._shard):
             return loss
         self.move_to_unperturbed()
@@ -279,7 +279,7 @@ class MSAM(Optimizer):
             state = self.state.get(p)
             v = state.get(self.momentum_key) if state else None
             if v is not None:
-                pairs.append((_local(p), _local(v)))
+                pairs.append((local_shard(p), local_shard(v)))
         return pairs
 
     def _touched(self) -> bool:
@@ -356,8 +356,3 @@ def _check_warmup(value: Any) -> int | float:
     raise ValueError(
         f"MSAM: rho_warmup must be an int number of steps >= 0 or a float fraction of the run in [0, 1], got {value!r}"
     )
-
-
-def _local(tensor: Tensor) -> Tensor:
-    """The tensor MSAM computes on: a sharded (FSDP2 ``DTensor``) tensor's local shard, which aliases its storage."""
-    return tensor.to_local() if is_sharded(tensor) else tensor

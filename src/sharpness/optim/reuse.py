@@ -33,7 +33,7 @@ from torch import Tensor
 
 from sharpness.checks import check_bool, check_real
 from sharpness.optim.perturbation import Buckets, accumulation_dtype, global_norm, tensor_norms
-from sharpness.optim.sharding import ShardReduce, is_sharded
+from sharpness.optim.sharding import ShardReduce, local_shard
 
 
 class LookSAMReuse:
@@ -146,7 +146,7 @@ class LookSAMReuse:
         self.alpha, self.per_tensor = state["alpha"], state["per_tensor"]
         self._v_norm = None
         self.g_v = {
-            param_order[int(i)]: v.to(device=_local_view(param_order[int(i)]).device) for i, v in state["g_v"].items()
+            param_order[int(i)]: v.to(device=local_shard(param_order[int(i)]).device) for i, v in state["g_v"].items()
         }
 
     def __repr__(self) -> str:
@@ -193,10 +193,6 @@ def _projection_coefficient(
         torch._foreach_sub_(d, torch._foreach_div(ts, b_norm))
     cosine = 1.0 - global_norm(difference, 2.0, reduce) ** 2 / 2.0
     return (a_norm / b_norm) * cosine
-
-
-def _local_view(param: Tensor) -> Tensor:
-    return param.to_local() if is_sharded(param) else param
 
 
 def _check_sharding(per_tensor: bool, reduce: ShardReduce | None) -> None:

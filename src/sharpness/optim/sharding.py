@@ -36,6 +36,12 @@ def is_sharded(tensor: Tensor) -> bool:
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
+def local_shard(tensor: Tensor) -> Tensor:
+    """The tensor to compute on: a sharded (``DTensor``) tensor's local shard, which aliases its storage; any other
+    tensor itself."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
 @functools.cache
 def _dtensor_class() -> type | None:
     try:
